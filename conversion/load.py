@@ -1,0 +1,117 @@
+"""`load_component(path)`: a diffusers / transformers component folder or a converted one -> (module, params)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import traverse_util
+
+from conversion.components import Kind, kind_for, param_shapes
+from conversion.rules import to_flax
+from conversion.safetensors_io import TensorSource
+from d4k_jax import checkpoint
+
+PARAMS_DIR = "params"  # the orbax checkpoint inside a converted component folder
+
+
+def load_config(path: str | os.PathLike, **overrides: Any) -> dict[str, Any]:
+    """config.json of a component folder, updated with `overrides`."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{path}: no config.json (expected a diffusers or transformers component folder)")
+    cfg = json.loads(file.read_text())
+    cfg.update(overrides)
+    return cfg
+
+
+def load_component(
+    path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, **overrides: Any
+) -> tuple[nn.Module, dict]:
+    """Build the model a component folder describes and load its weights, strictly.
+
+    `path` holds config.json and either safetensors weights (single, or sharded with an index) or the
+    orbax `params/` written by `python -m conversion.convert`. `overrides` update the config
+    (`stride=2` gives the F16 VAE). `dtype` is the compute dtype, `param_dtype` the storage dtype.
+    """
+    path = Path(path)
+    if path.is_file():
+        raise ValueError(
+            f"{path}: single-file checkpoints (BFL / SAI) are not supported yet; pass a diffusers component folder"
+        )
+    cfg = load_config(path, **overrides)
+    kind = kind_for(cfg, str(path / "config.json"))
+    model_cfg = kind.config_from(cfg)
+    module = kind.build(model_cfg, dtype=dtype, param_dtype=param_dtype)
+    shapes = param_shapes(module, kind.init_inputs(model_cfg))
+    if (path / PARAMS_DIR).is_dir():
+        target = {p: jax.ShapeDtypeStruct(s, param_dtype) for p, s in shapes.items()}
+        params = checkpoint.restore_params(path / PARAMS_DIR, _nest(target))
+        return module, params
+    flat = to_flax(open_weights(path), kind.rules(shapes), shapes, what=str(path))
+    params = {p: jnp.asarray(a, dtype=param_dtype) for p, a in flat.items()}
+    return module, _nest(params)
+
+
+def open_weights(folder: Path) -> TensorSource:
+    """The weights of a component folder: `*.safetensors.index.json`, else its one `*.safetensors` file."""
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        index = json.loads(indexes[0].read_text())
+        files = sorted({folder / f for f in index["weight_map"].values()})
+        absent = [str(f) for f in files if not f.is_file()]
+        if absent:
+            raise FileNotFoundError(f"{indexes[0]} names shards that do not exist: {absent}")
+        source = TensorSource(files)
+        listed = set(index["weight_map"])
+        if listed != set(source):
+            raise ValueError(
+                f"{indexes[0]} and its shards disagree: only in the index {sorted(listed - set(source))[:10]}, "
+                f"only in the shards {sorted(set(source) - listed)[:10]}"
+            )
+        return source
+    files = sorted(folder.glob("*.safetensors"))
+    if len(files) == 1:
+        return TensorSource(files)
+    if not files:
+        pickles = sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pt"))
+        if len(pickles) == 1:
+            return _load_pickle(pickles[0])
+        raise FileNotFoundError(f"{folder}: no *.safetensors weights (and {len(pickles)} .bin/.pt files)")
+    raise ValueError(f"{folder}: several safetensors files and no index: {[f.name for f in files]}")
+
+
+def _load_pickle(file: Path) -> dict[str, np.ndarray]:
+    """A torch .bin/.pt state dict, read with weights_only=True (no arbitrary unpickling)."""
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(f"{file}: reading .bin/.pt weights needs torch; safetensors need nothing") from e
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    out = {}
+    for k, t in state.items():
+        t = t.detach().contiguous()
+        if t.dtype == torch.bfloat16:
+            out[k] = t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        else:
+            out[k] = t.numpy()
+    return out
+
+
+def _nest(flat: dict) -> dict:
+    return traverse_util.unflatten_dict(flat)
+
+
+def flatten(params: dict) -> dict[tuple[str, ...], np.ndarray]:
+    return {p: np.asarray(a) for p, a in traverse_util.flatten_dict(params).items()}
+
+
+def kind_of(path: str | os.PathLike, **overrides: Any) -> Kind:
+    return kind_for(load_config(path, **overrides), str(Path(path) / "config.json"))

@@ -1,0 +1,136 @@
+"""Strict conversion between torch state dicts and Flax parameter trees.
+
+A model's key map is a list of `Rule`s: each consumes some torch tensors and fills some Flax leaves.
+`to_flax` uses every source tensor exactly once and fills every parameter, or raises one
+`ConversionError` listing every missing, unexpected and mis-shaped key; `to_torch` is its exact inverse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Iterable, Mapping
+
+import numpy as np
+
+Path = tuple[str, ...]
+Arrays = tuple[np.ndarray, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    src: tuple[str, ...]  # torch keys read
+    dst: tuple[Path, ...]  # Flax leaves written
+    fwd: Callable[..., Arrays]  # torch arrays -> Flax arrays
+    inv: Callable[..., Arrays]  # Flax arrays -> torch arrays
+
+
+class ConversionError(ValueError):
+    def __init__(self, what: str, missing=(), unexpected=(), misshaped=(), unfilled=()):
+        lines = [f"{what}: the checkpoint does not match the model."]
+        for title, items in (
+            ("missing from the checkpoint", missing),
+            ("unexpected in the checkpoint", unexpected),
+            ("wrong shape (key: checkpoint -> expected)", misshaped),
+            ("parameters no rule fills", unfilled),
+        ):
+            if items:
+                lines.append(f"  {title} ({len(items)}):")
+                lines.extend(f"    {item}" for item in items)
+        super().__init__("\n".join(lines))
+        self.missing, self.unexpected, self.misshaped, self.unfilled = (
+            list(missing),
+            list(unexpected),
+            list(misshaped),
+            list(unfilled),
+        )
+
+
+def copy(src: str, dst: Path) -> Rule:
+    return Rule((src,), (dst,), lambda x: (x,), lambda x: (x,))
+
+
+def linear(src: str, dst: Path) -> Rule:
+    """torch Linear weight (out, in) <-> Flax kernel (in, out)."""
+    return Rule((src,), (dst,), lambda w: (_squeeze_1x1(w).T,), lambda k: (k.T,))
+
+
+def conv(src: str, dst: Path) -> Rule:
+    """torch Conv2d weight (O, I, kh, kw) <-> Flax kernel (kh, kw, I, O)."""
+    return Rule((src,), (dst,), lambda w: (w.transpose(2, 3, 1, 0),), lambda k: (k.transpose(3, 2, 0, 1),))
+
+
+def _squeeze_1x1(w: np.ndarray) -> np.ndarray:
+    # legacy checkpoints store attention projections as 1x1 convs
+    return w[:, :, 0, 0] if w.ndim == 4 and w.shape[2:] == (1, 1) else w
+
+
+_INDEXED = re.compile(r"^(.*)_(\d+)$")
+
+
+def structural_rules(shapes: Mapping[Path, tuple[int, ...]], prefix: str = "") -> list[Rule]:
+    """Rules for a Flax tree whose names mirror the torch module tree.
+
+    `resnets_1` <-> `resnets.1`; `kernel` <-> `weight` (transposed by rank), `scale` <-> `weight`.
+    """
+    rules = []
+    for path, shape in shapes.items():
+        *mods, leaf = path
+        names = [_INDEXED.sub(r"\1.\2", m) for m in mods]
+        key = prefix + ".".join([*names, "bias" if leaf == "bias" else "weight"])
+        if leaf == "kernel":
+            rules.append(conv(key, path) if len(shape) == 4 else linear(key, path))
+        elif leaf in ("scale", "bias", "embedding"):
+            rules.append(copy(key, path))
+        else:
+            raise ValueError(f"structural_rules: no torch name for parameter {'/'.join(path)}")
+    return rules
+
+
+def to_flax(
+    source: Mapping[str, np.ndarray],
+    rules: Iterable[Rule],
+    expected: Mapping[Path, tuple[int, ...]],
+    what: str = "checkpoint",
+) -> dict[Path, np.ndarray]:
+    """Apply `rules` to `source`; strict about every key and shape. Returns {flax path: array}."""
+    rules = list(rules)
+    used = [k for r in rules for k in r.src]
+    filled = [p for r in rules for p in r.dst]
+    _check_unique(used, "source key")
+    _check_unique(filled, "parameter")
+    missing = sorted(set(used) - set(source))
+    unexpected = sorted(set(source) - set(used))
+    unfilled = sorted("/".join(p) for p in set(expected) - set(filled))
+    if missing or unexpected or unfilled:
+        raise ConversionError(what, missing, unexpected, unfilled=unfilled)
+    out, misshaped = {}, []
+    for rule in rules:
+        arrays = rule.fwd(*(source[k] for k in rule.src))
+        for path, a in zip(rule.dst, arrays, strict=True):
+            want = expected.get(path)
+            if want is None:
+                misshaped.append(f"{'/'.join(path)}: no such parameter in the model")
+            elif tuple(a.shape) != tuple(want):
+                misshaped.append(f"{', '.join(rule.src)}: {tuple(a.shape)} -> {tuple(want)} ({'/'.join(path)})")
+            out[path] = a
+    if misshaped:
+        raise ConversionError(what, misshaped=misshaped)
+    return out
+
+
+def to_torch(params: Mapping[Path, np.ndarray], rules: Iterable[Rule]) -> dict[str, np.ndarray]:
+    """The inverse of `to_flax`: {torch key: array}."""
+    out = {}
+    for rule in rules:
+        arrays = rule.inv(*(np.asarray(params[p]) for p in rule.dst))
+        out.update(zip(rule.src, arrays, strict=True))
+    return out
+
+
+def _check_unique(items: list, what: str) -> None:
+    seen, dup = set(), set()
+    for i in items:
+        (dup if i in seen else seen).add(i)
+    if dup:
+        raise ValueError(f"key map bug: {what}s used by more than one rule: {sorted(map(str, dup))}")

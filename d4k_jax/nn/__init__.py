@@ -1,0 +1,8 @@
+"""Layers shared by every model: attention dispatch, convolutions, norms, dense layers."""
+
+from d4k_jax.nn.attention import dot_product_attention
+from d4k_jax.nn.conv import Conv2d
+from d4k_jax.nn.linear import Dense
+from d4k_jax.nn.norms import GroupNorm
+
+__all__ = ["Conv2d", "Dense", "GroupNorm", "dot_product_attention"]

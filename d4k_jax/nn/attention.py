@@ -1,0 +1,91 @@
+"""The one attention entry point of d4k_jax: every model calls `dot_product_attention`.
+
+It picks the kernel for the backend so that no model hard-codes one:
+  - "cudnn": cuDNN flash attention through `jax.nn.dot_product_attention` (GPU, bf16/fp16,
+    head dim <= 128, no bias);
+  - "chunked": exact softmax attention over query chunks, so the score matrix never exceeds
+    [B, N, chunk, S]; used for long sequences wherever cuDNN does not apply (the VAE mid-block
+    attention has one head of width 512 and 65,536 tokens at 4096² with the F16 VAE);
+  - "xla": the plain XLA form, for short sequences (text encoders) and masks/biases.
+TPU splash attention is not wired yet: TPUs take the chunked path.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+Implementation = Literal["cudnn", "chunked", "xla"]
+
+# Above this many score elements per (batch, head) the chunked form is used instead of "xla".
+_CHUNK_THRESHOLD = 4096 * 4096
+_CUDNN_MAX_HEAD_DIM = 128
+
+
+def choose_implementation(q: jax.Array, k: jax.Array, *, has_bias: bool, has_mask: bool) -> Implementation:
+    """Which kernel `dot_product_attention` uses for these shapes on the default backend."""
+    backend = jax.default_backend()
+    head_dim = q.shape[-1]
+    if backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and head_dim <= _CUDNN_MAX_HEAD_DIM and not has_bias:
+        return "cudnn"
+    if not (has_bias or has_mask) and q.shape[1] * k.shape[1] > _CHUNK_THRESHOLD:
+        return "chunked"
+    return "xla"
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    bias: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    scale: float | None = None,
+    implementation: Implementation | None = None,
+    chunk_size: int = 1024,
+) -> jax.Array:
+    """Softmax attention. q [B, L, N, K], k and v [B, S, N, K] -> [B, L, N, K].
+
+    `bias` is added to the scores and `mask` (True = attend) selects keys; both broadcast to
+    [B, N, L, S]. `scale` defaults to 1/sqrt(K). Softmax is computed in float32.
+    """
+    if q.ndim != 4 or k.shape != v.shape or q.shape[::2] != k.shape[::2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"attention expects q [B, L, N, K] and k, v [B, S, N, K]; got {q.shape}, {k.shape}")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    impl = implementation or choose_implementation(q, k, has_bias=bias is not None, has_mask=mask is not None)
+    if impl == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+    if impl == "chunked":
+        if bias is not None or mask is not None:
+            raise ValueError("the chunked attention takes no bias or mask; use implementation='xla'")
+        return _chunked_attention(q, k, v, scale, chunk_size)
+    return _xla_attention(q, k, v, bias, mask, scale)
+
+
+def _xla_attention(q, k, v, bias, mask, scale):
+    scores = jnp.einsum("blnk,bsnk->bnls", q, k, preferred_element_type=jnp.float32) * scale
+    if bias is not None:
+        scores = scores + bias.astype(jnp.float32)
+    if mask is not None:
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bnls,bsnk->blnk", probs, v)
+
+
+def _chunked_attention(q, k, v, scale, chunk_size):
+    b, length, n, d = q.shape
+    chunk = min(chunk_size, length)
+    pad = -length % chunk
+    q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    chunks = q.reshape(b, -1, chunk, n, d).swapaxes(0, 1)  # [C, B, chunk, N, K]
+
+    # Recomputed in the backward pass, so gradients also never hold more than one chunk of scores.
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def one(q_chunk):
+        return _xla_attention(q_chunk, k, v, None, None, scale)
+
+    out = jax.lax.map(one, chunks)  # [C, B, chunk, N, K]
+    return out.swapaxes(0, 1).reshape(b, -1, n, d)[:, :length]
