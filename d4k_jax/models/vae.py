@@ -251,3 +251,8 @@ def normalize_latents(z: jax.Array, config: VAEConfig, *, use_shift: bool = True
 def denormalize_latents(z: jax.Array, config: VAEConfig) -> jax.Array:
     """z / scale + shift: what `decode` takes."""
     return z / config.scaling_factor + config.shift_factor
+
+
+# The VAEs of the two base models (diffusers' vae/config.json); replace(stride=2) gives their F16 form.
+SD3_VAE = VAEConfig(scaling_factor=1.5305, shift_factor=0.0609)
+FLUX_VAE = VAEConfig(scaling_factor=0.3611, shift_factor=0.1159)

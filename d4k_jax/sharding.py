@@ -1,0 +1,96 @@
+"""Meshes and logical-axis sharding.
+
+Models name every parameter and activation axis logically ("batch", "height", "embed", ...); the rules
+that map those names to the mesh axes `data`, `fsdp`, `sequence`, `tensor` are config data, so the
+same model runs data-parallel, FSDP or spatially sharded by changing a config, not the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
+
+Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
+
+# Data-parallel over data x fsdp, parameters FSDP-sharded on their embed axis, image rows on `sequence`.
+DEFAULT_RULES: Rules = (
+    ("batch", ("data", "fsdp")),
+    ("height", "sequence"),
+    ("width", None),
+    ("channels", None),
+    ("length", "sequence"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("conv_in", None),
+    ("conv_out", None),
+)
+
+
+def make_mesh(shape: dict[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh over `devices` (default: all) with axes MESH_AXES; one size may be -1 (the rest)."""
+    devices = list(devices or jax.devices())
+    sizes = {a: 1 for a in MESH_AXES} | dict(shape or {"data": -1})
+    unknown = set(sizes) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"unknown mesh axes {sorted(unknown)}; the axes are {MESH_AXES}")
+    fixed = int(np.prod([s for s in sizes.values() if s != -1]))
+    sizes = {a: (len(devices) // fixed if s == -1 else s) for a, s in sizes.items()}
+    if int(np.prod(list(sizes.values()))) != len(devices):
+        raise ValueError(f"mesh {sizes} needs {int(np.prod(list(sizes.values())))} devices, have {len(devices)}")
+    return jax.make_mesh(
+        tuple(sizes[a] for a in MESH_AXES), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+    )
+
+
+def logical_sharding(mesh: Mesh, rules: Rules, axes: Sequence[str | None]) -> NamedSharding:
+    """The NamedSharding of an array whose axes have these logical names."""
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(tuple(axes), rules))
+
+
+def params_sharding(mesh: Mesh, rules: Rules, abstract_variables: Any) -> Any:
+    """Shardings for a (boxed) variable tree from `jax.eval_shape(module.init, ...)`."""
+    specs = nn.get_partition_spec(abstract_variables)
+    specs = nn.logical_to_mesh(specs, rules)
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def sharded(fn: Callable, mesh: Mesh, rules: Rules, in_axes: Sequence[Any], out_axes: Any) -> Callable:
+    """jit `fn` with inputs and outputs sharded by logical axis names (None for replicated leaves).
+
+    Inside, `nn.with_logical_constraint` annotations resolve through the same `rules`.
+    """
+
+    def to_sharding(axes):
+        if axes is None:
+            return NamedSharding(mesh, PartitionSpec())
+        return jax.tree.map(lambda a: logical_sharding(mesh, rules, a), axes, is_leaf=_is_axes)
+
+    def wrapped(*args):
+        with nn.logical_axis_rules(rules):
+            return fn(*args)
+
+    jitted = jax.jit(wrapped, in_shardings=tuple(to_sharding(a) for a in in_axes), out_shardings=to_sharding(out_axes))
+
+    def call(*args):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return jitted(*args)
+
+    call.lower = lambda *args: _lower(jitted, mesh, rules, args)
+    return call
+
+
+def _is_axes(x) -> bool:
+    return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
+
+
+def _lower(jitted, mesh, rules, args):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        return jitted.lower(*args)
