@@ -1,0 +1,36 @@
+"""VAE reconstruction: encode images with the (F16) VAE and decode them back.
+
+python -m d4k_jax.reconstruct --config=configs/vae_recon.py --config.vae_path=FLUX/vae --workdir=DIR
+python -m d4k_jax.reconstruct --config=configs/vae_recon.py:tiny --workdir=DIR   # random tiny VAE, CPU
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.vae_path = ml_collections.config_dict.placeholder(str)  # diffusers vae folder or converted one
+    c.stride = 2  # 2: the F16 VAE of Diffusion-4K; 1: the stock F8 VAE
+    c.shifted_tail = False  # (quirk) reproduce the reference's one-pixel shift of the F16 decode
+    c.images = ml_collections.config_dict.placeholder(str)  # a folder of images; default: the demo set
+    c.num_images = 8
+    c.image_size = 4096
+    c.batch_size = 1
+    c.dtype = "bfloat16"
+    c.sample_posterior = False  # decode the posterior mean (False) or a sample (True)
+    c.mesh = {"data": 1, "sequence": -1}  # rows of every activation are split over the devices
+    c.random_vae = ml_collections.ConfigDict(
+        {"enabled": False, "block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "norm_num_groups": 32}
+    )
+    if arg == "tiny":
+        c.random_vae.enabled = True  # no weights on a fresh machine: a random VAE, so the output is noise
+        c.random_vae.block_out_channels = (32, 32, 64, 64)
+        c.random_vae.layers_per_block = 1
+        c.random_vae.norm_num_groups = 8
+        c.num_images = 4
+        c.image_size = 128
+        c.dtype = "float32"
+    elif arg:
+        raise ValueError(f"unknown config variant {arg!r}; use configs/vae_recon.py or configs/vae_recon.py:tiny")
+    return c
