@@ -163,33 +163,45 @@ class Encoder(_Module):
 
 
 class Decoder(_Module):
-    @nn.compact
-    def __call__(self, z: jax.Array) -> jax.Array:  # [B, h, w, latent] -> [B, H, W, 3]
+    """conv_in + mid-block at latent resolution, up-blocks, then the output tail."""
+
+    def setup(self):
         cfg = self.config
         kw = dict(config=cfg, dtype=self.dtype, param_dtype=self.param_dtype)
         channels = cfg.block_out_channels[::-1]
-        h = self.conv(channels[0], "conv_in")(z)
-        h = MidBlock(name="mid_block", **kw)(h)
-        last = len(channels) - 1
-        for i, features in enumerate(channels):
-            resample = "up" if i < last else None
-            h = Block(
-                features=features,
+        self.conv_in = self.conv(channels[0], "conv_in")
+        self.mid_block = MidBlock(**kw)
+        self.up_blocks = [
+            Block(
+                features=f,
                 num_layers=cfg.layers_per_block + 1,
-                resample=resample,
+                resample="up" if i < len(channels) - 1 else None,
                 name=f"up_blocks_{i}",
                 **kw,
-            )(h)
-        h = nn.silu(self.norm("conv_norm_out")(h))
-        conv_out = self.conv(cfg.out_channels, "conv_out")
+            )
+            for i, f in enumerate(channels)
+        ]
+        self.conv_norm_out = self.norm("conv_norm_out")
+        self.conv_out = self.conv(cfg.out_channels, "conv_out")
+
+    def __call__(self, z: jax.Array) -> jax.Array:  # [B, h, w, latent] -> [B, H, W, 3]
+        h = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            h = block(h)
+        return self.tail(h)
+
+    def tail(self, h: jax.Array) -> jax.Array:
+        """GroupNorm -> SiLU -> conv_out; for F16 the conv reads the nearest-2x-upsampled input."""
+        cfg = self.config
+        h = nn.silu(self.conv_norm_out(h))
         if cfg.stride == 1:
-            return conv_out(h)
+            return self.conv_out(h)
         if not cfg.shifted_tail:
-            return conv_out(h, upsample=True)
+            return self.conv_out(h, upsample=True)
         # The reference's 2x2 partitioned tail equals the whole tail on a canvas grown by one zero pixel
         # at the top and left, read one (upsampled) pixel later: out[i, j] = full[i - 1, j - 1].
         hh, ww = h.shape[1:3]
-        y = conv_out(jnp.pad(h, ((0, 0), (1, 0), (1, 0), (0, 0))), upsample=True)
+        y = self.conv_out(jnp.pad(h, ((0, 0), (1, 0), (1, 0), (0, 0))), upsample=True)
         return y[:, 1 : 2 * hh + 1, 1 : 2 * ww + 1]
 
 
