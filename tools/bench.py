@@ -14,6 +14,7 @@ import time
 
 
 def vae_memory(args) -> None:
+    import flax.linen as nn
     import jax
     import jax.numpy as jnp
 
@@ -21,19 +22,17 @@ def vae_memory(args) -> None:
     from d4k_jax.models import vae as vae_lib
 
     cfg = dataclasses.replace(vae_lib.FLUX_VAE, stride=2)
-    module = vae_lib.AutoencoderKL(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-    small = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.bfloat16)
-    params = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros(small.shape, small.dtype)))["params"]
-    import flax.linen as nn
-
-    params = nn.unbox(params)
+    dtype = jnp.dtype(args.dtype)
+    module = vae_lib.AutoencoderKL(cfg, dtype=dtype, param_dtype=dtype)
+    params = jax.eval_shape(lambda: nn.unbox(module.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3), dtype))))
+    params = params["params"]
     s = args.size
     spatial = ("batch", "height", "width", "channels")
     cases = {
-        "decode": (jax.ShapeDtypeStruct((args.batch, s // 16, s // 16, 16), jnp.bfloat16), spatial),
-        "encode": (jax.ShapeDtypeStruct((args.batch, s, s, 3), jnp.bfloat16), (spatial, spatial)),
+        "decode": (jax.ShapeDtypeStruct((args.batch, s // 16, s // 16, 16), dtype), spatial),
+        "encode": (jax.ShapeDtypeStruct((args.batch, s, s, 3), dtype), (spatial, spatial)),
     }
-    print(f"backend={jax.default_backend()} devices={jax.device_count()} image={args.batch}x{s}x{s} bf16 F16 VAE")
+    print(f"backend={jax.default_backend()} devices={jax.device_count()} image={args.batch}x{s}x{s} {dtype} F16 VAE")
     for method, (x, out_axes) in cases.items():
         fn = lambda p, x, m=method: module.apply({"params": p}, x, method=m)
         for n in sorted({1, args.devices}):
@@ -58,6 +57,7 @@ def main(argv=None) -> None:
     p = sub.add_parser("vae_memory", help="compiled memory of the 4096² F16 VAE encode/decode")
     p.add_argument("--size", type=int, default=4096)
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--devices", type=int, default=1, help="also analyse sharding over this many devices")
     args = parser.parse_args(argv)
     if args.devices > 1 and "jax" not in sys.modules:
