@@ -52,3 +52,15 @@ def test_spatially_sharded_vae_equals_single_device(vae, method):
     assert leaf.sharding.spec[1] == "sequence"  # rows really are split over the devices
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert rel_err(g, w) < 1e-5
+
+
+def test_every_vae_parameter_has_logical_axes():
+    import flax.linen as nn
+
+    from d4k_jax.models.vae import FLUX_VAE, AutoencoderKL
+
+    boxed = jax.eval_shape(AutoencoderKL(FLUX_VAE).init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"]
+    leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
+    specs = sharding.params_sharding(sharding.make_mesh(), sharding.DEFAULT_RULES, {"params": boxed})
+    assert len(jax.tree.leaves(specs)) == len(leaves)
