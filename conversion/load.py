@@ -14,7 +14,7 @@ import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
-from conversion.components import Kind, kind_for, param_shapes
+from conversion.components import kind_for, param_shapes
 from conversion.rules import to_flax
 from conversion.safetensors_io import TensorSource
 from d4k_jax import checkpoint
@@ -107,11 +107,3 @@ def _load_pickle(file: Path) -> dict[str, np.ndarray]:
 
 def _nest(flat: dict) -> dict:
     return traverse_util.unflatten_dict(flat)
-
-
-def flatten(params: dict) -> dict[tuple[str, ...], np.ndarray]:
-    return {p: np.asarray(a) for p, a in traverse_util.flatten_dict(params).items()}
-
-
-def kind_of(path: str | os.PathLike, **overrides: Any) -> Kind:
-    return kind_for(load_config(path, **overrides), str(Path(path) / "config.json"))
