@@ -60,6 +60,27 @@ def conv(src: str, dst: Path) -> Rule:
     return Rule((src,), (dst,), lambda w: (w.transpose(2, 3, 1, 0),), lambda k: (k.transpose(3, 2, 0, 1),))
 
 
+def stacked(rules: list[Rule]) -> Rule:
+    """One rule for a layer stack (`nn.scan`): rule i reads layer i's tensors; the Flax leaves get a
+    leading layer axis. All rules must fill the same paths."""
+    dst = rules[0].dst
+    if any(r.dst != dst for r in rules):
+        raise ValueError(f"stacked: rules fill different parameters: {[r.dst for r in rules]}")
+    width = [len(r.src) for r in rules]
+
+    def fwd(*arrays):
+        per_layer, i = [], 0
+        for r, n in zip(rules, width, strict=True):
+            per_layer.append(r.fwd(*arrays[i : i + n]))
+            i += n
+        return tuple(np.stack(leaves) for leaves in zip(*per_layer, strict=True))
+
+    def inv(*arrays):
+        return tuple(a for layer, r in enumerate(rules) for a in r.inv(*(x[layer] for x in arrays)))
+
+    return Rule(tuple(k for r in rules for k in r.src), dst, fwd, inv)
+
+
 def _squeeze_1x1(w: np.ndarray) -> np.ndarray:
     # legacy checkpoints store attention projections as 1x1 convs
     return w[:, :, 0, 0] if w.ndim == 4 and w.shape[2:] == (1, 1) else w

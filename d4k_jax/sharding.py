@@ -29,6 +29,8 @@ DEFAULT_RULES: Rules = (
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("mlp", "tensor"),
+    ("layers", None),
+    ("vocab", None),
     ("conv_in", None),
     ("conv_out", None),
 )

@@ -60,3 +60,51 @@ class GroupNorm(nn.Module):
         scale = self.param("scale", init(nn.initializers.ones_init()), (c,), self.param_dtype)
         bias = self.param("bias", init(nn.initializers.zeros_init()), (c,), self.param_dtype)
         return group_norm(x, scale, bias, self.num_groups, self.epsilon).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """torch.nn.LayerNorm over the last axis (biased variance), statistics in float32.
+
+    use_scale/use_bias=False gives the affine-free LayerNorm of Flux / SD3 AdaLN blocks.
+    """
+
+    epsilon: float = 1e-5
+    use_scale: bool = True
+    use_bias: bool = True
+    axis_name: str = "embed"
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        xf = x.astype(jnp.float32)
+        mean = xf.mean(-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(jnp.square(xf - mean).mean(-1, keepdims=True) + self.epsilon)
+        init = lambda f: nn.with_logical_partitioning(f, (self.axis_name,))
+        if self.use_scale:
+            y = y * self.param("scale", init(nn.initializers.ones_init()), (d,), self.param_dtype).astype(jnp.float32)
+        if self.use_bias:
+            y = y + self.param("bias", init(nn.initializers.zeros_init()), (d,), self.param_dtype).astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x²) + eps) * scale over the last axis, in float32 (T5 LayerNorm, Flux/SD3 qk-norm)."""
+
+    epsilon: float = 1e-6
+    axis_name: str = "embed"
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + self.epsilon)
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones_init(), (self.axis_name,)),
+            (x.shape[-1],),
+            self.param_dtype,
+        )
+        return (y * scale.astype(jnp.float32)).astype(self.dtype)
