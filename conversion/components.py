@@ -25,7 +25,7 @@ class Kind:
     config_from: Callable[[Mapping[str, Any]], Any]  # source config dict -> model config
     build: Callable[..., nn.Module]  # (model config, dtype=, param_dtype=) -> module
     init_inputs: Callable[[Any], tuple]  # model config -> dummy inputs for `init`
-    rules: Callable[[Shapes], list[Rule]]
+    rules: Callable[[Any, Shapes], list[Rule]]  # (model config, parameter shapes) -> key map
     weights_name: str  # file name of the single-file safetensors export
     export_config: Callable[[Mapping[str, Any]], dict]
 

@@ -28,7 +28,7 @@ def export_component(
     """
     kind = kind_for(config)
     flat = {p: np.asarray(a) for p, a in traverse_util.flatten_dict(dict(params)).items()}
-    tensors = to_torch(flat, kind.rules({p: a.shape for p, a in flat.items()}))
+    tensors = to_torch(flat, kind.rules(kind.config_from(config), {p: a.shape for p, a in flat.items()}))
     if dtype is not None:
         if dtype not in STORAGE_DTYPES:
             raise ValueError(f"export dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")

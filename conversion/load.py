@@ -55,7 +55,7 @@ def load_component(
         target = {p: jax.ShapeDtypeStruct(s, param_dtype) for p, s in shapes.items()}
         params = checkpoint.restore_params(path / PARAMS_DIR, _nest(target))
         return module, params
-    flat = to_flax(open_weights(path), kind.rules(shapes), shapes, what=str(path))
+    flat = to_flax(open_weights(path), kind.rules(model_cfg, shapes), shapes, what=str(path))
     params = {p: jnp.asarray(a, dtype=param_dtype) for p, a in flat.items()}
     return module, _nest(params)
 

@@ -50,6 +50,7 @@ def diffusers_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in cfg.items() if k not in _OURS}
 
 
-def rules(shapes: Mapping[tuple[str, ...], tuple[int, ...]]) -> list[Rule]:
+def rules(config: VAEConfig, shapes: Mapping[tuple[str, ...], tuple[int, ...]]) -> list[Rule]:
     """The module tree mirrors diffusers' names, so the key map is the naming rule."""
+    del config  # the module tree mirrors diffusers' names
     return structural_rules(shapes)

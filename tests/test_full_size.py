@@ -54,7 +54,7 @@ def test_real_vae_matches_diffusers_tensor_list(name, stride):
     assert sum(int(np.prod(s)) for s in shapes.values()) == 83_819_683
     # every diffusers tensor maps onto exactly one parameter of the right shape (zero-memory arrays)
     source = {k: np.broadcast_to(np.zeros((), np.float32), s) for k, s in ref_shapes.items()}
-    converted = to_flax(source, vae_map.rules(shapes), shapes)
+    converted = to_flax(source, vae_map.rules(ours, shapes), shapes)
     assert {p: a.shape for p, a in converted.items()} == shapes
 
 
