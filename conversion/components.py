@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -11,8 +11,14 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from conversion import clip as clip_map
+from conversion import flux as flux_map
+from conversion import t5 as t5_map
 from conversion import vae as vae_map
 from conversion.rules import Rule
+from d4k_jax.models.clip import CLIPTextModel
+from d4k_jax.models.flux import Flux, FluxConfig
+from d4k_jax.models.t5 import T5EncoderModel
 from d4k_jax.models.vae import AutoencoderKL, VAEConfig
 
 Shapes = dict[tuple[str, ...], tuple[int, ...]]
@@ -28,11 +34,30 @@ class Kind:
     rules: Callable[[Any, Shapes], list[Rule]]  # (model config, parameter shapes) -> key map
     weights_name: str  # file name of the single-file safetensors export
     export_config: Callable[[Mapping[str, Any]], dict]
+    # (model config, parameter shapes, a checkpoint's keys) -> its key map, for kinds whose checkpoints name
+    # tensors in more than one way (tied duplicates, optional prefixes and buffers); `rules` is what export writes
+    rules_for_keys: Callable[[Any, Shapes, Collection[str]], list[Rule]] | None = None
+
+    def checkpoint_rules(self, cfg: Any, shapes: Shapes, keys: Collection[str]) -> list[Rule]:
+        """The key map for loading a checkpoint that holds `keys`."""
+        return self.rules(cfg, shapes) if self.rules_for_keys is None else self.rules_for_keys(cfg, shapes, keys)
 
 
 def _vae_inputs(cfg: VAEConfig) -> tuple:
     s = cfg.downsample_factor
     return (jnp.zeros((1, s, s, cfg.in_channels), jnp.float32),)
+
+
+def _flux_inputs(cfg: FluxConfig) -> tuple:
+    z = jnp.zeros
+    guidance = z((1,)) if cfg.guidance_embeds else None
+    return (
+        z((1, 2, 2, cfg.latent_channels)),
+        z((1,)),
+        z((1, 1, cfg.joint_attention_dim)),
+        z((1, cfg.pooled_projection_dim)),
+        guidance,
+    )
 
 
 KINDS = (
@@ -45,6 +70,38 @@ KINDS = (
         rules=vae_map.rules,
         weights_name="diffusion_pytorch_model.safetensors",
         export_config=vae_map.diffusers_config,
+    ),
+    Kind(
+        name="flux",
+        class_names=flux_map.CLASS_NAMES,
+        config_from=flux_map.config_from_diffusers,
+        build=lambda cfg, **kw: Flux(cfg, **kw),
+        init_inputs=_flux_inputs,
+        rules=flux_map.rules,
+        weights_name="diffusion_pytorch_model.safetensors",
+        export_config=dict,
+    ),
+    Kind(
+        name="clip_text",
+        class_names=clip_map.CLASS_NAMES,
+        config_from=clip_map.config_from_transformers,
+        build=lambda cfg, **kw: CLIPTextModel(cfg, **kw),
+        init_inputs=lambda cfg: (jnp.zeros((1, 1), jnp.int32),),
+        rules=clip_map.rules,
+        weights_name="model.safetensors",
+        export_config=clip_map.transformers_config,
+        rules_for_keys=clip_map.checkpoint_rules,
+    ),
+    Kind(
+        name="t5_encoder",
+        class_names=t5_map.CLASS_NAMES,
+        config_from=t5_map.config_from_transformers,
+        build=lambda cfg, **kw: T5EncoderModel(cfg, **kw),
+        init_inputs=lambda cfg: (jnp.zeros((1, 1), jnp.int32),),
+        rules=t5_map.rules,
+        weights_name="model.safetensors",
+        export_config=t5_map.transformers_config,
+        rules_for_keys=t5_map.checkpoint_rules,
     ),
 )
 

@@ -19,7 +19,7 @@ from absl import app, flags, logging
 
 from conversion.components import KINDS, class_name
 from conversion.export import STORAGE_DTYPES, export_component
-from conversion.load import PARAMS_DIR, load_component, load_config
+from conversion.load import PARAMS_DIR, load_config, load_with_config
 from d4k_jax import checkpoint
 
 FLAGS = flags.FLAGS
@@ -32,9 +32,8 @@ flags.DEFINE_bool("skip_unsupported", False, "copy model components of unsupport
 
 
 def convert_component(src: Path, dst: Path, to: str, dtype: str | None, overrides: dict) -> None:
-    cfg = load_config(src, **overrides)
     param_dtype = jnp.dtype(STORAGE_DTYPES[dtype or "float32"])
-    _, params = load_component(src, param_dtype=param_dtype, **overrides)
+    cfg, _, params = load_with_config(src, param_dtype=param_dtype, **overrides)
     if to == "diffusers":
         export_component(cfg, params, dst, dtype=dtype)
     else:

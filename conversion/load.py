@@ -14,6 +14,7 @@ import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
+from conversion import single_file
 from conversion.components import kind_for, param_shapes
 from conversion.rules import to_flax
 from conversion.safetensors_io import TensorSource
@@ -38,26 +39,39 @@ def load_component(
     """Build the model a component folder describes and load its weights, strictly.
 
     `path` holds config.json and either safetensors weights (single, or sharded with an index) or the
-    orbax `params/` written by `python -m conversion.convert`. `overrides` update the config
-    (`stride=2` gives the F16 VAE). `dtype` is the compute dtype, `param_dtype` the storage dtype.
+    orbax `params/` written by `python -m conversion.convert`; or it is a single-file checkpoint (BFL
+    `flux1-dev.safetensors`), whose model and config are read off its tensor names and shapes.
+    `overrides` update the config (`stride=2` gives the F16 VAE). `dtype` is the compute dtype,
+    `param_dtype` the storage dtype.
     """
+    _, module, params = load_with_config(path, dtype=dtype, param_dtype=param_dtype, **overrides)
+    return module, params
+
+
+def load_with_config(
+    path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, **overrides: Any
+) -> tuple[dict[str, Any], nn.Module, dict]:
+    """`load_component` that also returns the (diffusers-style) config dict the model was built from."""
     path = Path(path)
     if path.is_file():
-        raise ValueError(
-            f"{path}: single-file checkpoints (BFL / SAI) are not supported yet; pass a diffusers component folder"
-        )
-    cfg = load_config(path, **overrides)
-    kind = kind_for(cfg, str(path / "config.json"))
+        source = TensorSource([path])
+        cfg, rules_for = single_file.identify(source, str(path))
+        cfg.update(overrides)
+    elif path.is_dir():
+        cfg, rules_for, source = load_config(path, **overrides), None, None
+    else:
+        raise FileNotFoundError(f"{path}: no such component folder or checkpoint file")
+    kind = kind_for(cfg, str(path))
     model_cfg = kind.config_from(cfg)
     module = kind.build(model_cfg, dtype=dtype, param_dtype=param_dtype)
     shapes = param_shapes(module, kind.init_inputs(model_cfg))
-    if (path / PARAMS_DIR).is_dir():
+    if source is None and (path / PARAMS_DIR).is_dir():
         target = {p: jax.ShapeDtypeStruct(s, param_dtype) for p, s in shapes.items()}
-        params = checkpoint.restore_params(path / PARAMS_DIR, _nest(target))
-        return module, params
-    flat = to_flax(open_weights(path), kind.rules(model_cfg, shapes), shapes, what=str(path))
-    params = {p: jnp.asarray(a, dtype=param_dtype) for p, a in flat.items()}
-    return module, _nest(params)
+        return cfg, module, checkpoint.restore_params(path / PARAMS_DIR, _nest(target))
+    source = source if source is not None else open_weights(path)
+    rules = rules_for(model_cfg, shapes) if rules_for else kind.checkpoint_rules(model_cfg, shapes, frozenset(source))
+    flat = to_flax(source, rules, shapes, what=str(path))
+    return cfg, module, _nest({p: jnp.asarray(a, dtype=param_dtype) for p, a in flat.items()})
 
 
 def open_weights(folder: Path) -> TensorSource:

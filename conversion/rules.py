@@ -87,24 +87,48 @@ def _squeeze_1x1(w: np.ndarray) -> np.ndarray:
 
 
 _INDEXED = re.compile(r"^(.*)_(\d+)$")
+# torch ModuleList / Sequential attributes: their Flax children are named `resnets_1` for `resnets.1`
+LIST_NAMES = frozenset(
+    {"down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers", "to_out", "net"}
+)
 
 
-def structural_rules(shapes: Mapping[Path, tuple[int, ...]], prefix: str = "") -> list[Rule]:
-    """Rules for a Flax tree whose names mirror the torch module tree.
+def torch_key(path: Path, layer: int | None = None, lists: frozenset[str] = LIST_NAMES) -> str:
+    """The torch name of a Flax parameter path: `resnets_1` -> `resnets.1`, `kernel`/`scale` -> `weight`;
+    `layer` inserts the index of a scanned stack after its first element (`transformer_blocks.3.`)."""
+    *mods, leaf = path
+    names = []
+    for m in mods:
+        match = _INDEXED.match(m)
+        names.append(f"{match[1]}.{match[2]}" if match and match[1] in lists else m)
+    if layer is not None:
+        names.insert(1, str(layer))
+    if leaf not in ("kernel", "scale", "bias", "embedding"):
+        raise ValueError(f"no torch name for parameter {'/'.join(path)}")
+    return ".".join([*names, "bias" if leaf == "bias" else "weight"])
 
-    `resnets_1` <-> `resnets.1`; `kernel` <-> `weight` (transposed by rank), `scale` <-> `weight`.
+
+def structural_rules(
+    shapes: Mapping[Path, tuple[int, ...]], *, scanned: frozenset[str] = frozenset(), lists=LIST_NAMES
+) -> list[Rule]:
+    """Rules for a Flax tree whose names mirror the torch module tree (see `torch_key`).
+
+    Parameters under a name in `scanned` carry a leading layer axis (an `nn.scan` stack) and come from
+    `name.0.…`, `name.1.…`; kernels are transposed by rank (linear or conv).
     """
+
+    def one(path, shape, layer=None):
+        key = torch_key(path, layer, lists)
+        if path[-1] != "kernel":
+            return copy(key, path)
+        return conv(key, path) if len(shape) == 4 else linear(key, path)
+
     rules = []
     for path, shape in shapes.items():
-        *mods, leaf = path
-        names = [_INDEXED.sub(r"\1.\2", m) for m in mods]
-        key = prefix + ".".join([*names, "bias" if leaf == "bias" else "weight"])
-        if leaf == "kernel":
-            rules.append(conv(key, path) if len(shape) == 4 else linear(key, path))
-        elif leaf in ("scale", "bias", "embedding"):
-            rules.append(copy(key, path))
+        if path[0] in scanned:
+            rules.append(stacked([one(path, shape[1:], i) for i in range(shape[0])]))
         else:
-            raise ValueError(f"structural_rules: no torch name for parameter {'/'.join(path)}")
+            rules.append(one(path, shape))
     return rules
 
 

@@ -19,3 +19,27 @@ def nhwc(t: torch.Tensor) -> np.ndarray:
 def save_component(model, folder: Path) -> Path:
     model.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def assert_maps_onto(torch_shapes: dict, rules, flax_shapes: dict) -> None:
+    """Every torch tensor maps onto exactly one Flax parameter of the right shape, checked without
+    building full-size arrays: one pass with each kernel's input dim cut to 1 and one with its output
+    dim cut to 1 (biases and norms stay whole), under the strict accounting of `to_flax`."""
+    from conversion.rules import to_flax
+
+    for keep in ("out", "in"):
+        cut_torch = {k: _cut(s, keep, torch_layout=True) for k, s in torch_shapes.items()}
+        cut_flax = {p: _cut(s, keep, torch_layout=False) if p[-1] == "kernel" else s for p, s in flax_shapes.items()}
+        source = {k: np.zeros(s, np.float32) for k, s in cut_torch.items()}
+        out = to_flax(source, rules, cut_flax)
+        assert {p: a.shape for p, a in out.items()} == cut_flax
+
+
+def _cut(shape: tuple, keep: str, torch_layout: bool) -> tuple:
+    if len(shape) < 2:
+        return tuple(shape)
+    # torch (out, in, ...) vs Flax kernels (..., in, out), with an optional leading layer axis on Flax
+    out_axis, in_axis = (0, 1) if torch_layout else (len(shape) - 1, len(shape) - 2)
+    shape = list(shape)
+    shape[in_axis if keep == "out" else out_axis] = 1
+    return tuple(shape)

@@ -138,13 +138,13 @@ def test_pipeline_folder_with_unsupported_component(folder, tmp_path):
     pipe.mkdir()
     shutil.copytree(folder, pipe / "vae")
     (pipe / "transformer").mkdir()
-    (pipe / "transformer" / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel"}))
+    (pipe / "transformer" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
     (pipe / "tokenizer").mkdir()
     (pipe / "tokenizer" / "vocab.json").write_text("{}")
     index = {
         "_class_name": "FluxPipeline",
         "vae": ["diffusers", "AutoencoderKL"],
-        "transformer": ["diffusers", "FluxTransformer2DModel"],
+        "transformer": ["diffusers", "UNet2DConditionModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
     }
     (pipe / "model_index.json").write_text(json.dumps(index))

@@ -66,3 +66,24 @@ def test_eval_shape_at_4096_f16():
     assert mean.shape == (1, 256, 256, 16)
     out = jax.eval_shape(lambda v, z: module.apply(v, z, method="decode"), variables, mean)
     assert out.shape == (1, 4096, 4096, 3) and out.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("guidance", [True, False])
+def test_real_flux_matches_diffusers_tensor_list(guidance):
+    from diffusers import FluxTransformer2DModel
+    from helpers import assert_maps_onto
+
+    from conversion import flux as flux_map
+    from conversion.components import _flux_inputs
+    from d4k_jax.models.flux import Flux, FluxConfig
+
+    with torch.device("meta"):
+        ref = FluxTransformer2DModel(guidance_embeds=guidance)  # defaults are FLUX.1-dev / schnell
+    ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    cfg = flux_map.config_from_diffusers(dict(ref.config))
+    assert cfg == FluxConfig(guidance_embeds=guidance)
+    shapes = param_shapes(Flux(cfg), _flux_inputs(cfg))
+    count = sum(int(np.prod(s)) for s in shapes.values())
+    assert count == sum(int(np.prod(s)) for s in ref_shapes.values())
+    assert count == (11_901_408_320 if guidance else 11_891_178_560)  # minus the 10,229,760 of guidance_in
+    assert_maps_onto(ref_shapes, flux_map.rules(cfg, shapes), shapes)

@@ -1,0 +1,1 @@
+"""Text -> image: prompt tokenization and encoding (pipelines arrive with the sampling issue)."""
