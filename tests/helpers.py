@@ -43,3 +43,19 @@ def _cut(shape: tuple, keep: str, torch_layout: bool) -> tuple:
     shape = list(shape)
     shape[in_axis if keep == "out" else out_axis] = 1
     return tuple(shape)
+
+
+def edited_copy(folder: Path, tmp_path: Path, edit) -> Path:
+    """A copy of a single-file component folder whose state dict went through `edit(dict)`."""
+    import shutil
+
+    from conversion.safetensors_io import TensorSource, save_file
+
+    (weights,) = folder.glob("*.safetensors")
+    state = dict(TensorSource([weights]))
+    edit(state)
+    out = tmp_path / "edited"
+    out.mkdir()
+    shutil.copy(folder / "config.json", out / "config.json")
+    save_file(state, out / weights.name)
+    return out

@@ -1,7 +1,6 @@
 """CLIP text encoder parity with transformers' CLIPTextModel / CLIPTextModelWithProjection; its key map."""
 
 import functools
-import shutil
 
 import flax.linen as nn
 import jax
@@ -10,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import LAYER_TOL, MODEL_TOL, rel_err
-from helpers import save_component
+from helpers import edited_copy, save_component
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from conversion import ConversionError, export_component, load_component, load_config
 from conversion.clip import config_from_transformers
-from conversion.safetensors_io import TensorSource, save_file
+from conversion.safetensors_io import TensorSource
 from d4k_jax import sharding
 
 WEIGHTS = "model.safetensors"
@@ -135,22 +134,12 @@ def test_too_long_input_is_an_error(pair):
         module.apply({"params": params}, jnp.zeros((1, MAX_POS + 1), jnp.int32))
 
 
-def _variant(folder, tmp_path, edit):
-    state = dict(TensorSource([folder / WEIGHTS]))
-    edit(state)
-    out = tmp_path / "edited"
-    out.mkdir()
-    shutil.copy(folder / "config.json", out / "config.json")
-    save_file(state, out / WEIGHTS)
-    return out
-
-
 def test_removed_layer_tensor_is_named(pair, tmp_path):
     _, _, _, _, folder = pair
     state = TensorSource([folder / WEIGHTS])
     key = next(k for k in state if k.endswith("encoder.layers.1.mlp.fc2.weight"))
     with pytest.raises(ConversionError, match=rf"missing from the checkpoint \(1\):\n\s+{key}"):
-        load_component(_variant(folder, tmp_path, lambda s: s.pop(key)))
+        load_component(edited_copy(folder, tmp_path, lambda s: s.pop(key)))
 
 
 def test_real_checkpoint_layout_with_position_ids(tmp_path):
@@ -164,7 +153,7 @@ def test_real_checkpoint_layout_with_position_ids(tmp_path):
         state["text_model.embeddings.position_ids"] = np.arange(MAX_POS, dtype=np.int64)[None]
 
     _, want = load_component(folder)
-    _, got = load_component(_variant(folder, tmp_path, to_hub_layout))
+    _, got = load_component(edited_copy(folder, tmp_path, to_hub_layout))
     jax.tree.map(np.testing.assert_array_equal, got, want)
 
 

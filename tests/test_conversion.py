@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 from flax import traverse_util
-from helpers import save_component
+from helpers import edited_copy, save_component
 from safetensors.torch import save_file as torch_save_file
 from torch_vae import make_vae
 
@@ -26,35 +26,24 @@ def folder(tmp_path_factory):
     return save_component(make_vae(seed=5), tmp_path_factory.mktemp("vae"))
 
 
-def _variant(folder, tmp_path, edit):
-    """A copy of the component folder whose state dict went through `edit(dict)`."""
-    state = dict(TensorSource([folder / WEIGHTS]))
-    edit(state)
-    out = tmp_path / "edited"
-    out.mkdir()
-    shutil.copy(folder / "config.json", out / "config.json")
-    save_file(state, out / WEIGHTS)
-    return out
-
-
 def _flat(params):
     return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
 
 
 def test_missing_key_is_named(folder, tmp_path):
-    bad = _variant(folder, tmp_path, lambda s: s.pop("decoder.conv_out.bias"))
+    bad = edited_copy(folder, tmp_path, lambda s: s.pop("decoder.conv_out.bias"))
     with pytest.raises(ConversionError, match=r"missing from the checkpoint \(1\):\n\s+decoder.conv_out.bias"):
         load_component(bad)
 
 
 def test_unexpected_key_is_named(folder, tmp_path):
-    bad = _variant(folder, tmp_path, lambda s: s.update({"decoder.extra.weight": np.zeros(3, np.float32)}))
+    bad = edited_copy(folder, tmp_path, lambda s: s.update({"decoder.extra.weight": np.zeros(3, np.float32)}))
     with pytest.raises(ConversionError, match=r"unexpected in the checkpoint \(1\):\n\s+decoder.extra.weight"):
         load_component(bad)
 
 
 def test_wrong_shape_is_named(folder, tmp_path):
-    bad = _variant(folder, tmp_path, lambda s: s.update({"encoder.conv_in.bias": np.zeros(7, np.float32)}))
+    bad = edited_copy(folder, tmp_path, lambda s: s.update({"encoder.conv_in.bias": np.zeros(7, np.float32)}))
     with pytest.raises(ConversionError, match=r"encoder.conv_in.bias: \(7,\) -> \(32,\)"):
         load_component(bad)
 
@@ -65,7 +54,7 @@ def test_all_problems_reported_together(folder, tmp_path):
         s["junk"] = np.zeros(1, np.float32)
 
     with pytest.raises(ConversionError) as err:
-        load_component(_variant(folder, tmp_path, edit))
+        load_component(edited_copy(folder, tmp_path, edit))
     assert err.value.missing == ["encoder.conv_in.weight"] and err.value.unexpected == ["junk"]
 
 

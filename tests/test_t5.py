@@ -1,7 +1,6 @@
 """T5 encoder parity with transformers' T5EncoderModel; relative position buckets; tied embeddings; bf16."""
 
 import functools
-import shutil
 
 import flax.linen as nn
 import jax
@@ -10,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import LAYER_TOL, MODEL_TOL, rel_err
-from helpers import save_component
+from helpers import edited_copy, save_component
 from transformers import T5Config, T5EncoderModel
 from transformers.models.t5.modeling_t5 import T5Attention
 
 from conversion import ConversionError, export_component, load_component, load_config
-from conversion.safetensors_io import TensorSource, save_file
+from conversion.safetensors_io import TensorSource
 from conversion.t5 import config_from_transformers
 from d4k_jax import sharding
 from d4k_jax.models.t5 import relative_position_buckets
@@ -124,16 +123,6 @@ def test_bf16_compute_stays_close_to_fp32(pair):
         assert rel_err(got, want) < min(2e-2, torch_err)
 
 
-def _variant(folder, tmp_path, edit):
-    state = dict(TensorSource([folder / WEIGHTS]))
-    edit(state)
-    out = tmp_path / "edited"
-    out.mkdir()
-    shutil.copy(folder / "config.json", out / "config.json")
-    save_file(state, out / WEIGHTS)
-    return out
-
-
 def test_save_pretrained_writes_one_embedding_name(pair):
     _, _, _, folder = pair
     keys = set(TensorSource([folder / WEIGHTS]))
@@ -149,7 +138,7 @@ def test_tied_embedding_under_either_name(pair, tmp_path, layout):
         if layout == "embed_tokens_only":
             del state["shared.weight"]
 
-    _, got = load_component(_variant(folder, tmp_path, edit))
+    _, got = load_component(edited_copy(folder, tmp_path, edit))
     jax.tree.map(np.testing.assert_array_equal, got, want)
 
 
@@ -157,14 +146,14 @@ def test_differing_tied_embeddings_are_an_error(pair, tmp_path):
     _, _, _, folder = pair
     edit = lambda s: s.update({"encoder.embed_tokens.weight": s["shared.weight"] + 1})
     with pytest.raises(ValueError, match=r"encoder\.embed_tokens\.weight is not equal to shared\.weight"):
-        load_component(_variant(folder, tmp_path, edit))
+        load_component(edited_copy(folder, tmp_path, edit))
 
 
 def test_removed_layer_tensor_is_named(pair, tmp_path):
     _, _, _, folder = pair
     key = "encoder.block.2.layer.1.DenseReluDense.wo.weight"
     with pytest.raises(ConversionError, match=rf"missing from the checkpoint \(1\):\n\s+{key}"):
-        load_component(_variant(folder, tmp_path, lambda s: s.pop(key)))
+        load_component(edited_copy(folder, tmp_path, lambda s: s.pop(key)))
 
 
 def test_export_round_trip_is_exact(pair, tmp_path):
