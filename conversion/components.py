@@ -13,11 +13,13 @@ from flax import traverse_util
 
 from conversion import clip as clip_map
 from conversion import flux as flux_map
+from conversion import sd3 as sd3_map
 from conversion import t5 as t5_map
 from conversion import vae as vae_map
 from conversion.rules import Rule
 from d4k_jax.models.clip import CLIPTextModel
 from d4k_jax.models.flux import Flux, FluxConfig
+from d4k_jax.models.mmdit import MMDiT, MMDiTConfig
 from d4k_jax.models.t5 import T5EncoderModel
 from d4k_jax.models.vae import AutoencoderKL, VAEConfig
 
@@ -60,6 +62,11 @@ def _flux_inputs(cfg: FluxConfig) -> tuple:
     )
 
 
+def _mmdit_inputs(cfg: MMDiTConfig) -> tuple:
+    z, p = jnp.zeros, cfg.patch_size
+    return z((1, p, p, cfg.in_channels)), z((1,)), z((1, 1, cfg.joint_attention_dim)), z((1, cfg.pooled_projection_dim))
+
+
 KINDS = (
     Kind(
         name="vae",
@@ -78,6 +85,16 @@ KINDS = (
         build=lambda cfg, **kw: Flux(cfg, **kw),
         init_inputs=_flux_inputs,
         rules=flux_map.rules,
+        weights_name="diffusion_pytorch_model.safetensors",
+        export_config=dict,
+    ),
+    Kind(
+        name="mmdit",
+        class_names=sd3_map.CLASS_NAMES,
+        config_from=sd3_map.config_from_diffusers,
+        build=lambda cfg, **kw: MMDiT(cfg, **kw),
+        init_inputs=_mmdit_inputs,
+        rules=sd3_map.rules,
         weights_name="diffusion_pytorch_model.safetensors",
         export_config=dict,
     ),

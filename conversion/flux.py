@@ -10,13 +10,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
-from conversion.rules import Rule, copy, linear, stacked, structural_rules
+from conversion.rules import Rule, copy, dense, split_linear, stacked, structural_rules, swap_halves
 from d4k_jax.models.flux import FluxConfig
 
 CLASS_NAMES = ("FluxTransformer2DModel",)
-_SCANNED = frozenset({"transformer_blocks", "single_transformer_blocks"})
+_LAYERS = {name: (name, 0, True) for name in ("transformer_blocks", "single_transformer_blocks")}
 _BFL_PREFIX = "model.diffusion_model."
 
 
@@ -40,7 +38,7 @@ def config_from_diffusers(cfg: Mapping[str, Any]) -> FluxConfig:
 
 def rules(config: FluxConfig, shapes: Mapping[tuple[str, ...], tuple[int, ...]]) -> list[Rule]:
     del config
-    return structural_rules(shapes, scanned=_SCANNED)
+    return structural_rules(shapes, layers=_LAYERS)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -75,35 +73,6 @@ def config_from_bfl(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
     return cfg
 
 
-def _split_linear(src: str, dsts: list[tuple[str, ...]], sizes: list[int]) -> list[Rule]:
-    """A fused torch Linear (rows = concatenated outputs) <-> several Flax Dense layers (weight and bias)."""
-    cuts = np.cumsum(sizes)[:-1]
-
-    def part(leaf: str, t: Any) -> Rule:
-        fwd = lambda w: tuple(p.T if w.ndim == 2 else p for p in np.split(w, cuts, axis=0))
-        inv = lambda *ps: (np.concatenate([p.T if p.ndim == 2 else p for p in ps], axis=0),)
-        return Rule((f"{src}.{t}",), tuple((*d, leaf) for d in dsts), fwd, inv)
-
-    return [part("kernel", "weight"), part("bias", "bias")]
-
-
-def _dense(src: str, dst: tuple[str, ...]) -> list[Rule]:
-    return [linear(f"{src}.weight", (*dst, "kernel")), copy(f"{src}.bias", (*dst, "bias"))]
-
-
-def _swap_halves(src: str, dst: tuple[str, ...]) -> list[Rule]:
-    """BFL's final modulation is (shift, scale); diffusers' AdaLayerNormContinuous is (scale, shift)."""
-
-    def swap(a):
-        first, second = np.split(a, 2, axis=0)
-        return np.concatenate([second, first], axis=0)
-
-    return [
-        Rule((f"{src}.weight",), ((*dst, "kernel"),), lambda w: (swap(w).T,), lambda k: (swap(k.T),)),
-        Rule((f"{src}.bias",), ((*dst, "bias"),), lambda b: (swap(b),), lambda b: (swap(b),)),
-    ]
-
-
 def bfl_rules(config: FluxConfig, shapes: Mapping[tuple[str, ...], tuple[int, ...]], prefix: str = "") -> list[Rule]:
     d = config.dim
     mlp = int(d * config.mlp_ratio)
@@ -116,31 +85,31 @@ def bfl_rules(config: FluxConfig, shapes: Mapping[tuple[str, ...], tuple[int, ..
             ("txt", ("add_q_proj", "add_k_proj", "add_v_proj"), ("norm_added_q", "norm_added_k"), "to_add_out",
              "norm1_context", "ff_context"),
         ):  # fmt: skip
-            out += _split_linear(f"{b}{stream}_attn.qkv", [(*a, q), (*a, k), (*a, v)], [d, d, d])
+            out += split_linear(f"{b}{stream}_attn.qkv", [(*a, q), (*a, k), (*a, v)], [d, d, d])
             out += [copy(f"{b}{stream}_attn.norm.query_norm.scale", (*a, nq, "scale"))]
             out += [copy(f"{b}{stream}_attn.norm.key_norm.scale", (*a, nk, "scale"))]
-            out += _dense(f"{b}{stream}_attn.proj", (*a, proj))
-            out += _dense(f"{b}{stream}_mod.lin", ("transformer_blocks", mod, "linear"))
-            out += _dense(f"{b}{stream}_mlp.0", ("transformer_blocks", ff, "net_0", "proj"))
-            out += _dense(f"{b}{stream}_mlp.2", ("transformer_blocks", ff, "net_2"))
+            out += dense(f"{b}{stream}_attn.proj", (*a, proj))
+            out += dense(f"{b}{stream}_mod.lin", ("transformer_blocks", mod, "linear"))
+            out += dense(f"{b}{stream}_mlp.0", ("transformer_blocks", ff, "net_0", "proj"))
+            out += dense(f"{b}{stream}_mlp.2", ("transformer_blocks", ff, "net_2"))
         return out
 
     def single(i: int) -> list[Rule]:
         b, s = f"{prefix}single_blocks.{i}.", "single_transformer_blocks"
         qkvm = [(s, "attn", "to_q"), (s, "attn", "to_k"), (s, "attn", "to_v"), (s, "proj_mlp")]
         return [
-            *_split_linear(f"{b}linear1", qkvm, [d, d, d, mlp]),
-            *_dense(f"{b}linear2", (s, "proj_out")),
-            *_dense(f"{b}modulation.lin", (s, "norm", "linear")),
+            *split_linear(f"{b}linear1", qkvm, [d, d, d, mlp]),
+            *dense(f"{b}linear2", (s, "proj_out")),
+            *dense(f"{b}modulation.lin", (s, "norm", "linear")),
             copy(f"{b}norm.query_norm.scale", (s, "attn", "norm_q", "scale")),
             copy(f"{b}norm.key_norm.scale", (s, "attn", "norm_k", "scale")),
         ]
 
     out = [
-        *_dense(f"{prefix}img_in", ("x_embedder",)),
-        *_dense(f"{prefix}txt_in", ("context_embedder",)),
-        *_dense(f"{prefix}final_layer.linear", ("proj_out",)),
-        *_swap_halves(f"{prefix}final_layer.adaLN_modulation.1", ("norm_out", "linear")),
+        *dense(f"{prefix}img_in", ("x_embedder",)),
+        *dense(f"{prefix}txt_in", ("context_embedder",)),
+        *dense(f"{prefix}final_layer.linear", ("proj_out",)),
+        *swap_halves(f"{prefix}final_layer.adaLN_modulation.1", ("norm_out", "linear")),
     ]
     for bfl, ours in (
         ("time_in", "timestep_embedder"),
@@ -149,8 +118,8 @@ def bfl_rules(config: FluxConfig, shapes: Mapping[tuple[str, ...], tuple[int, ..
     ):
         if ours == "guidance_embedder" and not config.guidance_embeds:
             continue
-        out += _dense(f"{prefix}{bfl}.in_layer", ("time_text_embed", ours, "linear_1"))
-        out += _dense(f"{prefix}{bfl}.out_layer", ("time_text_embed", ours, "linear_2"))
+        out += dense(f"{prefix}{bfl}.in_layer", ("time_text_embed", ours, "linear_1"))
+        out += dense(f"{prefix}{bfl}.out_layer", ("time_text_embed", ours, "linear_2"))
     # one stacked rule per (rule position) across layers: every layer has the same rule list
     for per_layer in (
         [double(i) for i in range(config.num_layers)],

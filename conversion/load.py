@@ -54,8 +54,7 @@ def load_with_config(
     """`load_component` that also returns the (diffusers-style) config dict the model was built from."""
     path = Path(path)
     if path.is_file():
-        source = TensorSource([path])
-        cfg, rules_for = single_file.identify(source, str(path))
+        cfg, rules_for, source = single_file.identify(TensorSource([path]), str(path))
         cfg.update(overrides)
     elif path.is_dir():
         cfg, rules_for, source = load_config(path, **overrides), None, None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -81,6 +82,35 @@ def stacked(rules: list[Rule]) -> Rule:
     return Rule(tuple(k for r in rules for k in r.src), dst, fwd, inv)
 
 
+def split_linear(src: str, dsts: list[tuple[str, ...]], sizes: list[int]) -> list[Rule]:
+    """A fused torch Linear (rows = concatenated outputs) <-> several Flax Dense layers (weight and bias)."""
+    cuts = np.cumsum(sizes)[:-1]
+
+    def part(leaf: str, t: Any) -> Rule:
+        fwd = lambda w: tuple(p.T if w.ndim == 2 else p for p in np.split(w, cuts, axis=0))
+        inv = lambda *ps: (np.concatenate([p.T if p.ndim == 2 else p for p in ps], axis=0),)
+        return Rule((f"{src}.{t}",), tuple((*d, leaf) for d in dsts), fwd, inv)
+
+    return [part("kernel", "weight"), part("bias", "bias")]
+
+
+def dense(src: str, dst: tuple[str, ...]) -> list[Rule]:
+    return [linear(f"{src}.weight", (*dst, "kernel")), copy(f"{src}.bias", (*dst, "bias"))]
+
+
+def swap_halves(src: str, dst: tuple[str, ...]) -> list[Rule]:
+    """BFL's final modulation is (shift, scale); diffusers' AdaLayerNormContinuous is (scale, shift)."""
+
+    def swap(a):
+        first, second = np.split(a, 2, axis=0)
+        return np.concatenate([second, first], axis=0)
+
+    return [
+        Rule((f"{src}.weight",), ((*dst, "kernel"),), lambda w: (swap(w).T,), lambda k: (swap(k.T),)),
+        Rule((f"{src}.bias",), ((*dst, "bias"),), lambda b: (swap(b),), lambda b: (swap(b),)),
+    ]
+
+
 def _squeeze_1x1(w: np.ndarray) -> np.ndarray:
     # legacy checkpoints store attention projections as 1x1 convs
     return w[:, :, 0, 0] if w.ndim == 4 and w.shape[2:] == (1, 1) else w
@@ -109,27 +139,36 @@ def torch_key(path: Path, layer: int | None = None, lists: frozenset[str] = LIST
 
 
 def structural_rules(
-    shapes: Mapping[Path, tuple[int, ...]], *, scanned: frozenset[str] = frozenset(), lists=LIST_NAMES
+    shapes: Mapping[Path, tuple[int, ...]],
+    *,
+    layers: Mapping[str, tuple[str, int, bool]] | None = None,
+    lists: frozenset[str] = LIST_NAMES,
 ) -> list[Rule]:
     """Rules for a Flax tree whose names mirror the torch module tree (see `torch_key`).
 
-    Parameters under a name in `scanned` carry a leading layer axis (an `nn.scan` stack) and come from
-    `name.0.…`, `name.1.…`; kernels are transposed by rank (linear or conv).
+    `layers` maps a top-level Flax name to (torch ModuleList name, index of its first layer, scanned):
+    a scanned entry (`nn.scan`, leading layer axis) reads `name.{first + i}.…` for every layer i, an
+    unscanned one is the single layer `name.{first}.…`. Kernels are transposed by rank (linear or conv).
     """
-
-    def one(path, shape, layer=None):
-        key = torch_key(path, layer, lists)
-        if path[-1] != "kernel":
-            return copy(key, path)
-        return conv(key, path) if len(shape) == 4 else linear(key, path)
-
+    layers = layers or {}
     rules = []
     for path, shape in shapes.items():
-        if path[0] in scanned:
-            rules.append(stacked([one(path, shape[1:], i) for i in range(shape[0])]))
+        torch_name, first, scanned = layers.get(path[0], (None, None, False))
+        if torch_name is None:
+            rules.append(_leaf_rule(torch_key(path, None, lists), path, shape))
+        elif scanned:
+            per_layer = [_leaf_rule(torch_key((torch_name, *path[1:]), first + i, lists), path, shape[1:])
+                         for i in range(shape[0])]  # fmt: skip
+            rules.append(stacked(per_layer))
         else:
-            rules.append(one(path, shape))
+            rules.append(_leaf_rule(torch_key((torch_name, *path[1:]), first, lists), path, shape))
     return rules
+
+
+def _leaf_rule(key: str, path: Path, shape: tuple[int, ...]) -> Rule:
+    if path[-1] != "kernel":
+        return copy(key, path)
+    return conv(key, path) if len(shape) == 4 else linear(key, path)
 
 
 def to_flax(

@@ -28,7 +28,9 @@ def assert_maps_onto(torch_shapes: dict, rules, flax_shapes: dict) -> None:
     from conversion.rules import to_flax
 
     for keep in ("out", "in"):
-        cut_torch = {k: _cut(s, keep, torch_layout=True) for k, s in torch_shapes.items()}
+        cut_torch = {
+            k: _cut(s, keep, torch_layout=True) if k.endswith(".weight") else s for k, s in torch_shapes.items()
+        }
         cut_flax = {p: _cut(s, keep, torch_layout=False) if p[-1] == "kernel" else s for p, s in flax_shapes.items()}
         source = {k: np.zeros(s, np.float32) for k, s in cut_torch.items()}
         out = to_flax(source, rules, cut_flax)
