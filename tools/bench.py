@@ -51,63 +51,90 @@ def vae_memory(args) -> None:
             )
 
 
-def flux_memory(args) -> None:
-    """Compiled memory of one bf16 FLUX.1-dev forward at args.size² (F16 latents), nothing executed."""
-    import flax.linen as nn
+def _full_size(model: str, batch: int, size: int, text_len: int, dtype, remat: str):
+    """(module, abstract inputs, small inputs) of FLUX.1-dev or SD3-medium at size² pixels (F16 latents)."""
     import jax
     import jax.numpy as jnp
 
     from d4k_jax.models.flux import Flux, FluxConfig
+    from d4k_jax.models.mmdit import MMDiT, MMDiTConfig
 
-    cfg = FluxConfig(remat=args.remat)
+    sds, h = jax.ShapeDtypeStruct, size // 16
+    if model == "flux":
+        module = Flux(FluxConfig(remat=remat), dtype=dtype, param_dtype=dtype)
+        shapes = [(h, h, 16), (), (text_len, 4096), (768,), ()]
+    else:
+        module = MMDiT(
+            MMDiTConfig(num_layers=24, caption_projection_dim=1536, remat=remat), dtype=dtype, param_dtype=dtype
+        )
+        shapes = [(h, h, 16), (), (text_len, 4096), (2048,)]
+    dtypes = [dtype, jnp.float32, dtype, dtype, jnp.float32]
+    inputs = tuple(sds((batch, *s), d) for s, d in zip(shapes, dtypes, strict=False))
+    small = tuple(
+        jnp.zeros((1, 2, 2, 16) if i == 0 else (1, *s), d) for i, (s, d) in enumerate(zip(shapes, dtypes, strict=False))
+    )
+    return module, inputs, small
+
+
+def forward_memory(args) -> None:
+    """Compiled memory of one full-size forward (FLUX.1-dev or SD3-medium) at args.size², nothing executed."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
     dtype = jnp.dtype(args.dtype)
-    module = Flux(cfg, dtype=dtype, param_dtype=dtype)
-    h = args.size // 16
-    sds = jax.ShapeDtypeStruct
-    inputs = (sds((args.batch, h, h, 16), dtype), sds((args.batch,), jnp.float32),
-              sds((args.batch, args.text_len, 4096), dtype), sds((args.batch, 768), dtype),
-              sds((args.batch,), jnp.float32))  # fmt: skip
-    small = tuple(jnp.zeros((1, 2, 2, 16)) if i == 0 else jnp.zeros((1, *x.shape[1:])) for i, x in enumerate(inputs))
+    text_len = args.text_len or (512 if args.model == "flux" else 154)
+    module, inputs, small = _full_size(args.model, args.batch, args.size, text_len, dtype, args.remat)
     params = jax.eval_shape(lambda: nn.unbox(module.init(jax.random.key(0), *small))["params"])
     t = time.perf_counter()
     compiled = jax.jit(lambda p, *a: module.apply({"params": p}, *a)).lower(params, *inputs).compile()
     m = compiled.memory_analysis()
     gib = lambda b: b / 2**30
     peak = m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes
+    tokens = (args.size // 32) ** 2
+    sizes = f"args {gib(m.argument_size_in_bytes):.2f} GiB, temp {gib(m.temp_size_in_bytes):.2f} GiB"
     print(
-        f"FLUX.1-dev {dtype} forward, batch {args.batch}, {args.size}² ({h // 2 * (h // 2)} image + "
-        f"{args.text_len} text tokens) on {jax.default_backend()}: params {gib(m.argument_size_in_bytes):.2f} GiB, "
-        f"temp {gib(m.temp_size_in_bytes):.2f} GiB, out {gib(m.output_size_in_bytes):.3f} GiB, "
-        f"peak {gib(peak):.2f} GiB (compile {time.perf_counter() - t:.0f}s)"
+        f"{args.model} {dtype} forward, batch {args.batch}, {args.size}² ({tokens} image + {text_len} text tokens) "
+        f"on {jax.default_backend()}: {sizes}, peak {gib(peak):.2f} GiB (compile {time.perf_counter() - t:.0f}s)"
     )
 
 
-def flux_tiny(args) -> None:
-    """Forward time of a tiny Flux, d4k_jax vs diffusers, same inputs, same CPU threads, both warmed up."""
+def tiny_forward(args) -> None:
+    """Forward time of a tiny Flux or SD3, d4k_jax vs diffusers, same inputs and CPU threads, both warmed up."""
+    import pathlib
+    import tempfile
+
     import jax
     import numpy as np
     import torch
 
     sys.path.insert(0, "tests")
-    import tempfile
-
     from helpers import save_component
-    from torch_flux import flux_forward, make_flux
 
     from conversion import load_component
 
-    model = make_flux(seed=0)
-    with tempfile.TemporaryDirectory() as tmp:
-        module, params = load_component(save_component(model, __import__("pathlib").Path(tmp) / "f"))
     rng = np.random.default_rng(0)
     b = args.batch
-    a = (rng.normal(size=(b, 32, 32, 4)).astype(np.float32), np.full(b, 0.5, np.float32),
-         rng.normal(size=(b, 77, 24)).astype(np.float32), rng.normal(size=(b, 12)).astype(np.float32),
-         np.full(b, 3.5, np.float32))  # fmt: skip
+    r = lambda *s: rng.normal(size=s).astype(np.float32)
+    if args.model == "flux":
+        from torch_flux import flux_forward as ref_forward
+        from torch_flux import make_flux as make
+
+        a = (r(b, 32, 32, 4), np.full(b, 0.5, np.float32), r(b, 77, 24), r(b, 12), np.full(b, 3.5, np.float32))
+    else:
+        from torch_sd3 import make_sd3 as make
+        from torch_sd3 import sd3_forward as ref_forward
+
+        a = (r(b, 24, 24, 4), np.full(b, 500.0, np.float32), r(b, 77, 20), r(b, 12))
+    model = make(seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        module, params = load_component(save_component(model, pathlib.Path(tmp) / "m"))
     fn = jax.jit(module.apply)
-    jax_run = lambda: fn({"params": params}, *a).block_until_ready()
-    torch_run = lambda: flux_forward(model, *a)
-    for name, run in (("d4k_jax", jax_run), ("diffusers", torch_run)):
+    runs = {
+        "d4k_jax": lambda: fn({"params": params}, *a).block_until_ready(),
+        "diffusers": lambda: ref_forward(model, *a),
+    }
+    for name, run in runs.items():
         for _ in range(3):
             run()
         times = []
@@ -116,9 +143,8 @@ def flux_tiny(args) -> None:
             run()
             times.append(time.perf_counter() - t)
         print(
-            f"{name:9s} tiny Flux forward (batch {b}, 256 image + 77 text tokens): "
-            f"median {1e3 * float(np.median(times)):.1f} ms over {args.repeats} runs, "
-            f"torch threads {torch.get_num_threads()}"
+            f"{name:9s} tiny {args.model} forward, batch {b}, inputs {[x.shape for x in a[:1]]}: median "
+            f"{1e3 * float(np.median(times)):.1f} ms over {args.repeats} runs, torch threads {torch.get_num_threads()}"
         )
 
 
@@ -130,13 +156,15 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--devices", type=int, default=1, help="also analyse sharding over this many devices")
-    p = sub.add_parser("flux_memory", help="compiled memory of a bf16 FLUX.1-dev forward")
+    p = sub.add_parser("forward_memory", help="compiled memory of a full-size FLUX.1-dev / SD3-medium forward")
+    p.add_argument("--model", choices=["flux", "sd3"], default="flux")
     p.add_argument("--size", type=int, default=4096)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--text_len", type=int, default=512)
+    p.add_argument("--text_len", type=int, default=0, help="default: 512 (Flux), 154 (SD3)")
     p.add_argument("--remat", default="none")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    p = sub.add_parser("flux_tiny", help="tiny Flux forward time, d4k_jax vs diffusers")
+    p = sub.add_parser("tiny_forward", help="tiny Flux / SD3 forward time, d4k_jax vs diffusers")
+    p.add_argument("--model", choices=["flux", "sd3"], default="flux")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args(argv)
@@ -144,7 +172,7 @@ def main(argv=None) -> None:
         os.environ["XLA_FLAGS"] = (
             os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.devices}"
         )
-    {"vae_memory": vae_memory, "flux_memory": flux_memory, "flux_tiny": flux_tiny}[args.cmd](args)
+    {"vae_memory": vae_memory, "forward_memory": forward_memory, "tiny_forward": tiny_forward}[args.cmd](args)
 
 
 if __name__ == "__main__":
