@@ -28,12 +28,15 @@ flags.DEFINE_string("dst", None, "output folder (must not exist)")
 flags.DEFINE_enum("to", "flax", ["flax", "diffusers"], "target format")
 flags.DEFINE_enum("dtype", None, sorted(STORAGE_DTYPES), "storage dtype (default: float32 / as loaded)")
 flags.DEFINE_multi_string("override", [], "config override key=JSON_VALUE, e.g. --override=stride=2")
+flags.DEFINE_string("component", "transformer", "the model to take from a single file holding several (SAI SD3)")
 flags.DEFINE_bool("skip_unsupported", False, "copy model components of unsupported classes instead of failing")
 
 
-def convert_component(src: Path, dst: Path, to: str, dtype: str | None, overrides: dict) -> None:
+def convert_component(
+    src: Path, dst: Path, to: str, dtype: str | None, overrides: dict, component: str = "transformer"
+) -> None:
     param_dtype = jnp.dtype(STORAGE_DTYPES[dtype or "float32"])
-    cfg, _, params = load_with_config(src, param_dtype=param_dtype, **overrides)
+    cfg, _, params = load_with_config(src, param_dtype=param_dtype, component=component, **overrides)
     if to == "diffusers":
         export_component(cfg, params, dst, dtype=dtype)
     else:
@@ -50,12 +53,13 @@ def convert(
     dtype: str | None = None,
     overrides: dict | None = None,
     skip_unsupported: bool = False,
+    component: str = "transformer",
 ) -> None:
     overrides = overrides or {}
     if dst.exists():
         raise FileExistsError(f"--dst {dst} exists; choose a new folder")
     if not (src / "model_index.json").is_file():
-        convert_component(src, dst, to, dtype, overrides)
+        convert_component(src, dst, to, dtype, overrides, component)
         return
     supported = {n for k in KINDS for n in k.class_names}
     index = json.loads((src / "model_index.json").read_text())
@@ -92,7 +96,7 @@ def main(argv):
         if not sep:
             raise app.UsageError(f"--override expects key=value, got {item!r}")
         overrides[key] = json.loads(value)
-    convert(Path(FLAGS.src), Path(FLAGS.dst), FLAGS.to, FLAGS.dtype, overrides, FLAGS.skip_unsupported)
+    convert(Path(FLAGS.src), Path(FLAGS.dst), FLAGS.to, FLAGS.dtype, overrides, FLAGS.skip_unsupported, FLAGS.component)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,12 @@ def load_config(path: str | os.PathLike, **overrides: Any) -> dict[str, Any]:
 
 
 def load_component(
-    path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, **overrides: Any
+    path: str | os.PathLike,
+    *,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    component: str = "transformer",
+    **overrides: Any,
 ) -> tuple[nn.Module, dict]:
     """Build the model a component folder describes and load its weights, strictly.
 
@@ -42,19 +47,26 @@ def load_component(
     orbax `params/` written by `python -m conversion.convert`; or it is a single-file checkpoint (BFL
     `flux1-dev.safetensors`), whose model and config are read off its tensor names and shapes.
     `overrides` update the config (`stride=2` gives the F16 VAE). `dtype` is the compute dtype,
-    `param_dtype` the storage dtype.
+    `param_dtype` the storage dtype. `component` picks a model inside a single file that holds several
+    (SAI SD3 files: "transformer", "text_encoder", "text_encoder_2", "text_encoder_3").
     """
-    _, module, params = load_with_config(path, dtype=dtype, param_dtype=param_dtype, **overrides)
+    _, module, params = load_with_config(path, dtype=dtype, param_dtype=param_dtype, component=component, **overrides)
     return module, params
 
 
 def load_with_config(
-    path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, **overrides: Any
+    path: str | os.PathLike,
+    *,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    component: str = "transformer",
+    **overrides: Any,
 ) -> tuple[dict[str, Any], nn.Module, dict]:
-    """`load_component` that also returns the (diffusers-style) config dict the model was built from."""
+    """`load_component` that also returns the config dict the model was built from. `component` picks a
+    model inside a single file holding several (SAI SD3: "text_encoder", "text_encoder_2", "text_encoder_3")."""
     path = Path(path)
     if path.is_file():
-        cfg, rules_for, source = single_file.identify(TensorSource([path]), str(path))
+        cfg, rules_for, source = single_file.identify(TensorSource([path]), str(path), component)
         cfg.update(overrides)
     elif path.is_dir():
         cfg, rules_for, source = load_config(path, **overrides), None, None

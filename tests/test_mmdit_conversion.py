@@ -74,3 +74,46 @@ def test_sai_config_is_read_off_the_shapes():
     }.items()}  # fmt: skip
     cfg = sd3_map.config_from_sai(shapes)
     assert MMDiTConfig(**{k: v for k, v in cfg.items() if k != "_class_name"}) == MMDiTConfig(**SD3_MEDIUM)
+
+
+def test_sai_file_with_text_encoders(tmp_path):
+    """A SAI file holding the transformer and CLIP-L / CLIP-G / T5 (transformers' names under their
+    prefixes): each component loads from it exactly as from its own folder."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from conversion.safetensors_io import TensorSource
+    from conversion.single_file import SAI_TEXT_ENCODERS
+
+    torch.manual_seed(0)
+    clip = lambda width, act: CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=50, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=16, hidden_act=act, projection_dim=width)).eval()  # fmt: skip
+    encoders = {
+        "text_encoder": clip(12, "quick_gelu"),
+        "text_encoder_2": clip(16, "gelu"),
+        "text_encoder_3": T5EncoderModel(
+            T5Config(
+                vocab_size=40, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu"
+            )
+        ).eval(),
+    }
+    state = {}
+    for name, model in encoders.items():
+        folder = save_component(model, tmp_path / name)
+        state.update({SAI_TEXT_ENCODERS[name] + k: v for k, v in TensorSource([folder / "model.safetensors"]).items()})
+    sd3 = make_sd3(seed=1)
+    _, params = load_component(save_component(sd3, tmp_path / "transformer"))
+    flat = {p: np.asarray(a) for p, a in traverse_util.flatten_dict(params).items()}
+    cfg = sd3_map.config_from_diffusers(dict(sd3.config))
+    state.update(to_torch(flat, sd3_map.sai_rules(cfg, {p: a.shape for p, a in flat.items()})))
+    save_file(state, tmp_path / "sd3_incl_clips_t5.safetensors")
+
+    heads = {"text_encoder": {"num_attention_heads": 2}, "text_encoder_2": {"num_attention_heads": 2}}
+    for name in encoders:
+        module, got = load_component(tmp_path / "sd3_incl_clips_t5.safetensors", component=name, **heads.get(name, {}))
+        ref_module, want = load_component(tmp_path / name)
+        assert module.config == ref_module.config
+        for path, value in traverse_util.flatten_dict(got).items():
+            np.testing.assert_array_equal(value, traverse_util.flatten_dict(want)[path], err_msg=f"{name} {path}")
+    with pytest.raises(ValueError, match="holds no 'vae'"):
+        load_component(tmp_path / "sd3_incl_clips_t5.safetensors", component="vae")
