@@ -27,17 +27,15 @@ class Tokenizer:
         if self.max_length > 100_000:  # transformers' "no limit" sentinel
             raise ValueError(f"{folder}: the tokenizer sets no model_max_length; pass max_length")
 
-    def __call__(self, prompts: str | Sequence[str]) -> np.ndarray:
-        """input_ids [B, max_length] int32."""
+    def __call__(self, prompts: str | Sequence[str], max_length: int | None = None) -> np.ndarray:
+        """input_ids [B, max_length] int32 (max_length defaults to the tokenizer's)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("no prompts to tokenize")
-        tok = self.tokenizer
-        ids = tok(prompts, padding="max_length", max_length=self.max_length, truncation=True).input_ids
+        tok, length = self.tokenizer, max_length or self.max_length
+        ids = tok(prompts, padding="max_length", max_length=length, truncation=True).input_ids
         for prompt, full in zip(prompts, tok(prompts).input_ids, strict=True):
-            if len(full) > self.max_length:
-                removed = tok.decode(full[self.max_length - 1 : -1])
-                logging.warning(
-                    "prompt truncated to %d tokens; removed: %r (prompt: %r)", self.max_length, removed, prompt[:80]
-                )
+            if len(full) > length:
+                removed = tok.decode(full[length - 1 : -1])
+                logging.warning("prompt truncated to %d tokens; removed: %r (prompt: %r)", length, removed, prompt[:80])
         return np.asarray(ids, np.int32)

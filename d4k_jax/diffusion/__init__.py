@@ -1,0 +1,1 @@
+"""Flow matching: schedules and noising (flow.py), the Euler sampler (sampler.py)."""

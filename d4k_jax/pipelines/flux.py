@@ -1,0 +1,103 @@
+"""FluxPipeline: prompts -> images with FLUX.1 (guidance embedding, no CFG), as diffusers' FluxPipeline."""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from d4k_jax.diffusion.flow import flux_schedule
+from d4k_jax.diffusion.sampler import euler_sample
+from d4k_jax.pipelines import base
+from d4k_jax.pipelines.conditioning import flux_conditioning
+from d4k_jax.pipelines.tokenizer import Tokenizer
+
+
+class FluxPipeline:
+    """Components are (module, params) pairs; `from_pretrained` loads them from a pipeline folder."""
+
+    def __init__(self, transformer, vae, text_encoder, text_encoder_2, tokenizer: Tokenizer, tokenizer_2: Tokenizer):
+        self.transformer, self.vae = transformer, vae
+        self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
+        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
+        self._sample = jax.jit(functools.partial(_sample, transformer[0], vae[0]))
+        self._encode = jax.jit(functools.partial(_encode, text_encoder[0], text_encoder_2[0]))
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike, dtype: Any = jnp.bfloat16, vae_stride: int | None = None, **opts: Any
+    ) -> FluxPipeline:
+        """A diffusers FLUX.1 pipeline folder or its converted directory; vae_stride=2 selects the F16 VAE.
+        `opts` override the transformer's config (e.g. remat)."""
+        path = base.pipeline_dir(path)
+        return cls(
+            transformer=base.load(path, "transformer", dtype, **opts),
+            vae=base.load(path, "vae", dtype, **({} if vae_stride is None else {"stride": vae_stride})),
+            text_encoder=base.load(path, "text_encoder", dtype),
+            text_encoder_2=base.load(path, "text_encoder_2", dtype),
+            tokenizer=Tokenizer(path / "tokenizer"),
+            tokenizer_2=Tokenizer(path / "tokenizer_2", 512),
+        )
+
+    def encode_prompt(self, prompts: list[str], max_sequence_length: int = 512) -> tuple[jax.Array, jax.Array]:
+        """(T5 hidden states [B, max_sequence_length, 4096], CLIP pooled [B, 768])."""
+        if self.text_encoder is None:
+            raise ValueError("the text encoders were released (release_text_encoders); reload the pipeline")
+        clip_ids, t5_ids = self.tokenizer(prompts), self.tokenizer_2(prompts, max_sequence_length)
+        return self._encode(self.text_encoder[1], self.text_encoder_2[1], clip_ids, t5_ids)
+
+    def release_text_encoders(self) -> None:
+        """Drop the encoders' device memory (T5-XXL is 9.5 GB in bf16) after encoding, before 4K sampling."""
+        self.text_encoder = self.text_encoder_2 = None
+
+    def __call__(
+        self,
+        prompts: str | list[str],
+        height: int = 1024,
+        width: int = 1024,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 3.5,
+        seed: int = 0,
+        latents: jax.Array | None = None,
+        negative_prompt: str | list[str] | None = None,
+        max_sequence_length: int | None = None,
+        prompt_embeds: tuple[jax.Array, jax.Array] | None = None,
+        output: str = "uint8",
+    ) -> jax.Array:
+        """Images [B, H, W, 3] uint8 (output="float": [0, 1]). `latents` [B, H/f, W/f, C] is the initial noise,
+        else drawn from `seed`; `prompt_embeds` = encode_prompt(...) skips the text encoders."""
+        if negative_prompt is not None:
+            raise ValueError("FLUX.1 is guidance-distilled: it takes no negative_prompt (set guidance_scale)")
+        prompts = base.as_prompts(prompts)
+        text, pooled = prompt_embeds or self.encode_prompt(prompts, max_sequence_length or 512)
+        module = self.transformer[0]
+        f = self.vae[0].config.downsample_factor
+        shape = base.latent_shape(len(prompts), height, width, 2 * f, module.config.latent_channels)
+        latents = base.initial_noise(seed, shape, module.dtype) if latents is None else jnp.asarray(latents)
+        if latents.shape != shape:
+            raise ValueError(
+                f"latents must be {shape} for {len(prompts)} prompts at {height}x{width}, got {latents.shape}"
+            )
+        sigmas, timesteps = flux_schedule(num_inference_steps, (shape[1] // 2) * (shape[2] // 2))
+        guidance = jnp.full((len(prompts),), guidance_scale, jnp.float32) if module.config.guidance_embeds else None
+        images = self._sample(self.transformer[1], self.vae[1], latents.astype(module.dtype), text, pooled, guidance,
+                              sigmas, timesteps)  # fmt: skip
+        return base.to_output(images, output)
+
+
+def _encode(clip, t5, clip_params, t5_params, clip_ids, t5_ids):
+    return flux_conditioning((clip, clip_params), clip_ids, (t5, t5_params), t5_ids)
+
+
+def _sample(module, vae, params, vae_params, latents, text, pooled, guidance, sigmas, timesteps):
+    b = latents.shape[0]
+
+    def velocity(x, i):
+        # as FluxPipeline: t in the latents' dtype, divided by 1000 (the transformer multiplies back)
+        t = jnp.broadcast_to(timesteps[i].astype(x.dtype) / 1000, (b,))
+        return module.apply({"params": params}, x, t, text, pooled, guidance)
+
+    return base.decode(vae, vae_params, euler_sample(velocity, latents, sigmas))

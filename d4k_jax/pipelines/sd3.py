@@ -1,0 +1,117 @@
+"""SD3Pipeline: prompts -> images with SD3 / SD3.5 (classifier-free guidance), as StableDiffusion3Pipeline."""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from d4k_jax.diffusion.flow import sd3_schedule
+from d4k_jax.diffusion.sampler import euler_sample
+from d4k_jax.pipelines import base
+from d4k_jax.pipelines.conditioning import sd3_conditioning
+from d4k_jax.pipelines.tokenizer import Tokenizer
+
+
+class SD3Pipeline:
+    """Components are (module, params) pairs (text_encoder_3 may be None: T5 dropped, zeros in its place)."""
+
+    def __init__(self, transformer, vae, text_encoder, text_encoder_2, text_encoder_3, tokenizer: Tokenizer,
+                 tokenizer_2: Tokenizer, tokenizer_3: Tokenizer | None, shift: float = 3.0):  # fmt: skip
+        self.transformer, self.vae, self.shift = transformer, vae, shift
+        self.text_encoders = (text_encoder, text_encoder_2, text_encoder_3)
+        self.tokenizers = (tokenizer, tokenizer_2, tokenizer_3)
+        t5 = None if text_encoder_3 is None else text_encoder_3[0]
+        width = transformer[0].config.joint_attention_dim
+        self._encode = jax.jit(functools.partial(_encode, text_encoder[0], text_encoder_2[0], t5, width))
+        self._sample = jax.jit(functools.partial(_sample, transformer[0], vae[0]), static_argnames="cfg")
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike, dtype: Any = jnp.bfloat16, vae_stride: int | None = None, **opts: Any
+    ) -> SD3Pipeline:
+        """A diffusers SD3 pipeline folder or its converted directory; vae_stride=2 selects the F16 VAE."""
+        path = base.pipeline_dir(path)
+        has_t5 = (path / "text_encoder_3").is_dir()
+        return cls(
+            transformer=base.load(path, "transformer", dtype, **opts),
+            vae=base.load(path, "vae", dtype, **({} if vae_stride is None else {"stride": vae_stride})),
+            text_encoder=base.load(path, "text_encoder", dtype),
+            text_encoder_2=base.load(path, "text_encoder_2", dtype),
+            text_encoder_3=base.load(path, "text_encoder_3", dtype) if has_t5 else None,
+            tokenizer=Tokenizer(path / "tokenizer"),
+            tokenizer_2=Tokenizer(path / "tokenizer_2"),
+            tokenizer_3=Tokenizer(path / "tokenizer_3", 256) if has_t5 else None,
+        )
+
+    def encode_prompt(self, prompts: list[str], max_sequence_length: int = 256) -> tuple[jax.Array, jax.Array]:
+        """(encoder_hidden_states [B, 77 + max_sequence_length, 4096], pooled [B, 2048])."""
+        if self.text_encoders[0] is None:
+            raise ValueError("the text encoders were released (release_text_encoders); reload the pipeline")
+        tok_l, tok_g, tok_t5 = self.tokenizers
+        t5_ids = tok_t5(prompts, max_sequence_length) if tok_t5 else jnp.zeros((len(prompts), max_sequence_length), int)
+        params = tuple(None if e is None else e[1] for e in self.text_encoders)
+        return self._encode(*params, tok_l(prompts), tok_g(prompts), t5_ids)
+
+    def release_text_encoders(self) -> None:
+        self.text_encoders = (None, None, None)
+
+    def __call__(
+        self,
+        prompts: str | list[str],
+        height: int = 1024,
+        width: int = 1024,
+        num_inference_steps: int = 28,
+        guidance_scale: float = 7.0,
+        seed: int = 0,
+        latents: jax.Array | None = None,
+        negative_prompt: str | list[str] | None = None,
+        max_sequence_length: int | None = None,
+        prompt_embeds: tuple[jax.Array, jax.Array] | None = None,
+        negative_prompt_embeds: tuple[jax.Array, jax.Array] | None = None,
+        output: str = "uint8",
+    ) -> jax.Array:
+        """Images [B, H, W, 3] uint8 (output="float": [0, 1]). CFG with guidance_scale > 1 (cond and uncond in one
+        batch); the negative prompt is empty by default, as in the diffusers pipeline."""
+        prompts = base.as_prompts(prompts)
+        b, length = len(prompts), max_sequence_length or 256
+        cfg = guidance_scale > 1
+        text, pooled = prompt_embeds or self.encode_prompt(prompts, length)
+        if cfg:
+            negative = [""] * b if negative_prompt is None else base.as_prompts(negative_prompt)
+            if len(negative) != b:
+                raise ValueError(f"{len(negative)} negative prompts for {b} prompts")
+            neg_text, neg_pooled = negative_prompt_embeds or self.encode_prompt(negative, length)
+            text, pooled = jnp.concatenate([neg_text, text]), jnp.concatenate([neg_pooled, pooled])
+        module = self.transformer[0]
+        shape = base.latent_shape(b, height, width, module.config.patch_size * self.vae[0].config.downsample_factor,
+                                  module.config.in_channels)  # fmt: skip
+        latents = base.initial_noise(seed, shape, module.dtype) if latents is None else jnp.asarray(latents)
+        if latents.shape != shape:
+            raise ValueError(f"latents must be {shape} for {b} prompts at {height}x{width}, got {latents.shape}")
+        sigmas, timesteps = sd3_schedule(num_inference_steps, self.shift)
+        images = self._sample(self.transformer[1], self.vae[1], latents.astype(module.dtype), text, pooled,
+                              jnp.float32(guidance_scale), sigmas, timesteps, cfg=cfg)  # fmt: skip
+        return base.to_output(images, output)
+
+
+def _encode(clip_l, clip_g, t5, t5_width, clip_l_params, clip_g_params, t5_params, ids_l, ids_g, ids_t5):
+    encoder_t5 = None if t5 is None else (t5, t5_params)
+    return sd3_conditioning((clip_l, clip_l_params), ids_l, (clip_g, clip_g_params), ids_g, encoder_t5, ids_t5,
+                            t5_width=t5_width)  # fmt: skip
+
+
+def _sample(module, vae, params, vae_params, latents, text, pooled, scale, sigmas, timesteps, *, cfg):
+    def velocity(x, i):
+        xin = jnp.concatenate([x, x]) if cfg else x
+        t = jnp.broadcast_to(timesteps[i], (xin.shape[0],))  # float32, as the pipeline passes it
+        v = module.apply({"params": params}, xin, t, text, pooled)
+        if not cfg:
+            return v
+        uncond, cond = jnp.split(v, 2)
+        return uncond + scale.astype(v.dtype) * (cond - uncond)
+
+    return base.decode(vae, vae_params, euler_sample(velocity, latents, sigmas))
