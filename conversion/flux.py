@@ -82,9 +82,15 @@ def bfl_rules(config: FluxConfig, shapes: Mapping[tuple[str, ...], tuple[int, ..
         out = []
         for stream, (q, k, v), (nq, nk), proj, mod, ff in (
             ("img", ("to_q", "to_k", "to_v"), ("norm_q", "norm_k"), "to_out_0", "norm1", "ff"),
-            ("txt", ("add_q_proj", "add_k_proj", "add_v_proj"), ("norm_added_q", "norm_added_k"), "to_add_out",
-             "norm1_context", "ff_context"),
-        ):  # fmt: skip
+            (
+                "txt",
+                ("add_q_proj", "add_k_proj", "add_v_proj"),
+                ("norm_added_q", "norm_added_k"),
+                "to_add_out",
+                "norm1_context",
+                "ff_context",
+            ),
+        ):
             out += split_linear(f"{b}{stream}_attn.qkv", [(*a, q), (*a, k), (*a, v)], [d, d, d])
             out += [copy(f"{b}{stream}_attn.norm.query_norm.scale", (*a, nq, "scale"))]
             out += [copy(f"{b}{stream}_attn.norm.key_norm.scale", (*a, nk, "scale"))]

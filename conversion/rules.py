@@ -157,8 +157,10 @@ def structural_rules(
         if torch_name is None:
             rules.append(_leaf_rule(torch_key(path, None, lists), path, shape))
         elif scanned:
-            per_layer = [_leaf_rule(torch_key((torch_name, *path[1:]), first + i, lists), path, shape[1:])
-                         for i in range(shape[0])]  # fmt: skip
+            per_layer = [
+                _leaf_rule(torch_key((torch_name, *path[1:]), first + i, lists), path, shape[1:])
+                for i in range(shape[0])
+            ]
             rules.append(stacked(per_layer))
         else:
             rules.append(_leaf_rule(torch_key((torch_name, *path[1:]), first, lists), path, shape))

@@ -125,8 +125,10 @@ def sai_rules(config: MMDiTConfig, shapes: Mapping[tuple[str, ...], tuple[int, .
                 *dense(f"{b}x_block.attn2.proj", (*a2, "to_out_0")),
             ]
             if qk:
-                out += [copy(f"{b}x_block.attn2.ln_q.weight", (*a2, "norm_q", "scale")),
-                        copy(f"{b}x_block.attn2.ln_k.weight", (*a2, "norm_k", "scale"))]  # fmt: skip
+                out += [
+                    copy(f"{b}x_block.attn2.ln_q.weight", (*a2, "norm_q", "scale")),
+                    copy(f"{b}x_block.attn2.ln_k.weight", (*a2, "norm_k", "scale")),
+                ]
         return out
 
     out = [

@@ -31,17 +31,36 @@ CLIP_LEN = 16  # the tiny tokenizers' model_max_length (77 in the real ones)
 
 def _clip(cls, hidden, act="quick_gelu", seed=0, **kw):
     torch.manual_seed(seed)
-    cfg = CLIPTextConfig(vocab_size=128, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=3,
-                         num_attention_heads=2, max_position_embeddings=CLIP_LEN, hidden_act=act, eos_token_id=1,
-                         bos_token_id=0, pad_token_id=1, **kw)  # fmt: skip
+    cfg = CLIPTextConfig(
+        vocab_size=128,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        max_position_embeddings=CLIP_LEN,
+        hidden_act=act,
+        eos_token_id=1,
+        bos_token_id=0,
+        pad_token_id=1,
+        **kw,
+    )
     return cls(cfg).eval()
 
 
 def _t5(d_model, seed=0):
     torch.manual_seed(seed)
-    cfg = T5Config(vocab_size=64, d_model=d_model, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
-                   feed_forward_proj="gated-gelu", relative_attention_num_buckets=8,
-                   relative_attention_max_distance=16, decoder_start_token_id=0)  # fmt: skip
+    cfg = T5Config(
+        vocab_size=64,
+        d_model=d_model,
+        d_kv=8,
+        d_ff=48,
+        num_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        decoder_start_token_id=0,
+    )
     return T5EncoderModel(cfg).eval()
 
 
@@ -60,11 +79,14 @@ def test_flux_matches_pipeline(folders, tmp_path, max_sequence_length):
     clip_tok, t5_tok = folders
     clip, t5 = _clip(CLIPTextModel, 12), _t5(24)
     pipe = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(), vae=make_vae(latent_channels=4), text_encoder=clip,
-        tokenizer=AutoTokenizer.from_pretrained(clip_tok), text_encoder_2=t5,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=make_vae(latent_channels=4),
+        text_encoder=clip,
+        tokenizer=AutoTokenizer.from_pretrained(clip_tok),
+        text_encoder_2=t5,
         tokenizer_2=AutoTokenizer.from_pretrained(t5_tok),
         transformer=make_flux(joint_attention_dim=24, pooled_projection_dim=12),
-    )  # fmt: skip
+    )
     with torch.no_grad():
         embeds, pooled, _ = pipe.encode_prompt(PROMPTS, None, max_sequence_length=max_sequence_length)
     clip_ids, t5_ids = Tokenizer(clip_tok)(PROMPTS), Tokenizer(t5_tok, max_sequence_length)(PROMPTS)
@@ -81,20 +103,26 @@ def test_sd3_matches_pipeline(folders, tmp_path, with_t5):
     clip_g = _clip(CLIPTextModelWithProjection, 16, act="gelu", projection_dim=16, seed=2)
     t5 = _t5(32, seed=3) if with_t5 else None
     pipe = StableDiffusion3Pipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(), vae=make_vae(latent_channels=4),
-        text_encoder=clip_l, tokenizer=AutoTokenizer.from_pretrained(clip_tok),
-        text_encoder_2=clip_g, tokenizer_2=AutoTokenizer.from_pretrained(clip_tok),
-        text_encoder_3=t5, tokenizer_3=AutoTokenizer.from_pretrained(t5_tok) if with_t5 else None,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=make_vae(latent_channels=4),
+        text_encoder=clip_l,
+        tokenizer=AutoTokenizer.from_pretrained(clip_tok),
+        text_encoder_2=clip_g,
+        tokenizer_2=AutoTokenizer.from_pretrained(clip_tok),
+        text_encoder_3=t5,
+        tokenizer_3=AutoTokenizer.from_pretrained(t5_tok) if with_t5 else None,
         transformer=make_sd3(joint_attention_dim=32, pooled_projection_dim=28),
-    )  # fmt: skip
+    )
     with torch.no_grad():
-        embeds, _, pooled, _ = pipe.encode_prompt(PROMPTS, None, None, do_classifier_free_guidance=False,
-                                                  max_sequence_length=20)  # fmt: skip
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            PROMPTS, None, None, do_classifier_free_guidance=False, max_sequence_length=20
+        )
     clip_ids = Tokenizer(clip_tok)(PROMPTS)
     t5_ids = Tokenizer(t5_tok, 20)(PROMPTS)
     ours_t5 = _load(t5, tmp_path / "t5") if with_t5 else None
-    text, ours_pooled = sd3_conditioning(_load(clip_l, tmp_path / "l"), clip_ids, _load(clip_g, tmp_path / "g"),
-                                         clip_ids, ours_t5, t5_ids, t5_width=32)  # fmt: skip
+    text, ours_pooled = sd3_conditioning(
+        _load(clip_l, tmp_path / "l"), clip_ids, _load(clip_g, tmp_path / "g"), clip_ids, ours_t5, t5_ids, t5_width=32
+    )
     assert text.shape == (2, CLIP_LEN + 20, 32) and ours_pooled.shape == (2, 28)
     assert rel_err(ours_pooled, pooled.numpy()) < MODEL_TOL
     assert rel_err(text, embeds.numpy()) < MODEL_TOL

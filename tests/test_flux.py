@@ -55,8 +55,12 @@ def test_pack_unpack_round_trip_and_channel_order():
 def test_input_errors_are_named(case):
     _, module, params, shape, text_len = case
     b = shape[0]
-    args = (np.zeros(shape, np.float32), np.zeros(b, np.float32), np.zeros((b, text_len, 24), np.float32),
-            np.zeros((b, 12), np.float32))  # fmt: skip
+    args = (
+        np.zeros(shape, np.float32),
+        np.zeros(b, np.float32),
+        np.zeros((b, text_len, 24), np.float32),
+        np.zeros((b, 12), np.float32),
+    )
     g = np.zeros(b, np.float32) if module.config.guidance_embeds else None
     with pytest.raises(ValueError, match="must be even"):
         module.apply({"params": params}, np.zeros((b, 5, 4, 4), np.float32), *args[1:], g)
@@ -75,8 +79,13 @@ def test_sharded_forward_equals_single_device(tmp_path):
 
     module, params = load_component(save_component(make_flux(seed=11), tmp_path / "flux"))
     rng = np.random.default_rng(5)
-    args = (rng.normal(size=(2, 8, 8, 4)), np.array([0.3, 0.9]), rng.normal(size=(2, 9, 24)),
-            rng.normal(size=(2, 12)), np.array([3.5, 5.0]))  # fmt: skip
+    args = (
+        rng.normal(size=(2, 8, 8, 4)),
+        np.array([0.3, 0.9]),
+        rng.normal(size=(2, 9, 24)),
+        rng.normal(size=(2, 12)),
+        np.array([3.5, 5.0]),
+    )
     args = tuple(jnp.asarray(a, jnp.float32) for a in args)
     want = jax.jit(module.apply)({"params": params}, *args)
 
@@ -99,8 +108,13 @@ def test_bf16_compute_tracks_diffusers_bf16(tmp_path):
     model = make_flux(seed=2)
     m16, p16 = load_component(save_component(model, tmp_path / "flux"), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     rng = np.random.default_rng(0)
-    args = (rng.normal(size=(1, 8, 8, 4)), np.array([0.6]), rng.normal(size=(1, 7, 24)), rng.normal(size=(1, 12)),
-            np.array([3.5]))  # fmt: skip
+    args = (
+        rng.normal(size=(1, 8, 8, 4)),
+        np.array([0.6]),
+        rng.normal(size=(1, 7, 24)),
+        rng.normal(size=(1, 12)),
+        np.array([3.5]),
+    )
     args = tuple(np.asarray(a, np.float32) for a in args)
     ref = flux_forward(model.to(torch.bfloat16), *args)
     out = m16.apply({"params": p16}, *(jnp.asarray(a, jnp.bfloat16) for a in args))

@@ -16,9 +16,19 @@ from conversion.rules import to_torch
 from conversion.safetensors_io import save_file
 from d4k_jax.models.mmdit import MMDiT, MMDiTConfig
 
-SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
-                  num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-                  pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192)  # fmt: skip
+SD3_MEDIUM = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    out_channels=16,
+    pos_embed_max_size=192,
+)
 SD35_MEDIUM = dict(SD3_MEDIUM, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm", pos_embed_max_size=384)
 
 
@@ -39,8 +49,10 @@ def test_sai_map_equals_diffusers_single_file_converter(tmp_path, overrides):
         torch.testing.assert_close(v, state[k], rtol=0, atol=0, msg=k)
 
     # the single file loads (config read off the shapes) into the same parameters, other components ignored
-    extra = {"text_encoders.clip_l.transformer.text_model.final_layer_norm.weight": np.ones(4, np.float32),
-             "first_stage_model.decoder.conv_in.bias": np.zeros(4, np.float32)}  # fmt: skip
+    extra = {
+        "text_encoders.clip_l.transformer.text_model.final_layer_norm.weight": np.ones(4, np.float32),
+        "first_stage_model.decoder.conv_in.bias": np.zeros(4, np.float32),
+    }
     save_file({**sai, **extra}, tmp_path / "sd3_tiny.safetensors")
     # SAI files carry no head count: every release uses 64-wide heads, a tiny model says otherwise
     tiny = dict(sample_size=16, attention_head_dim=8, num_attention_heads=4)
@@ -67,11 +79,17 @@ def test_real_sd3_matches_diffusers_tensor_list(name):
 
 
 def test_sai_config_is_read_off_the_shapes():
-    shapes = {f"model.diffusion_model.{k}": v for k, v in {
-        "x_embedder.proj.weight": (1536, 16, 2, 2), "final_layer.linear.weight": (64, 1536),
-        "context_embedder.weight": (1536, 4096), "y_embedder.mlp.0.weight": (1536, 2048),
-        "pos_embed": (1, 36864, 1536), **{f"joint_blocks.{i}.x_block.attn.qkv.weight": (4608, 1536) for i in range(24)},
-    }.items()}  # fmt: skip
+    shapes = {
+        f"model.diffusion_model.{k}": v
+        for k, v in {
+            "x_embedder.proj.weight": (1536, 16, 2, 2),
+            "final_layer.linear.weight": (64, 1536),
+            "context_embedder.weight": (1536, 4096),
+            "y_embedder.mlp.0.weight": (1536, 2048),
+            "pos_embed": (1, 36864, 1536),
+            **{f"joint_blocks.{i}.x_block.attn.qkv.weight": (4608, 1536) for i in range(24)},
+        }.items()
+    }
     cfg = sd3_map.config_from_sai(shapes)
     assert MMDiTConfig(**{k: v for k, v in cfg.items() if k != "_class_name"}) == MMDiTConfig(**SD3_MEDIUM)
 
@@ -85,9 +103,18 @@ def test_sai_file_with_text_encoders(tmp_path):
     from conversion.single_file import SAI_TEXT_ENCODERS
 
     torch.manual_seed(0)
-    clip = lambda width, act: CLIPTextModelWithProjection(CLIPTextConfig(
-        vocab_size=50, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=16, hidden_act=act, projection_dim=width)).eval()  # fmt: skip
+    clip = lambda width, act: CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            vocab_size=50,
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            hidden_act=act,
+            projection_dim=width,
+        )
+    ).eval()
     encoders = {
         "text_encoder": clip(12, "quick_gelu"),
         "text_encoder_2": clip(16, "gelu"),

@@ -26,14 +26,37 @@ def test_flux_matches_diffusers(flux, steps):
     latents = np.random.default_rng(steps).normal(size=(2, 8, 12, 4)).astype(np.float32)  # 16x24 pixels
     packed = TorchFlux._pack_latents(torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()), 2, 4, 8, 12)
     with torch.no_grad():
-        ref = ref_pipe(PROMPTS, height=16, width=24, num_inference_steps=steps, guidance_scale=4.0, latents=packed,
-                       max_sequence_length=20, output_type="np").images  # fmt: skip
-    ours = pipe(PROMPTS, height=16, width=24, num_inference_steps=steps, guidance_scale=4.0, latents=latents,
-                max_sequence_length=20, output="float")  # fmt: skip
+        ref = ref_pipe(
+            PROMPTS,
+            height=16,
+            width=24,
+            num_inference_steps=steps,
+            guidance_scale=4.0,
+            latents=packed,
+            max_sequence_length=20,
+            output_type="np",
+        ).images
+    ours = pipe(
+        PROMPTS,
+        height=16,
+        width=24,
+        num_inference_steps=steps,
+        guidance_scale=4.0,
+        latents=latents,
+        max_sequence_length=20,
+        output="float",
+    )
     assert ours.shape == (2, 16, 24, 3)
     assert rel_err(ours, ref) < MODEL_TOL
-    uint8 = pipe(PROMPTS, height=16, width=24, num_inference_steps=steps, guidance_scale=4.0, latents=latents,
-                 max_sequence_length=20)  # fmt: skip
+    uint8 = pipe(
+        PROMPTS,
+        height=16,
+        width=24,
+        num_inference_steps=steps,
+        guidance_scale=4.0,
+        latents=latents,
+        max_sequence_length=20,
+    )
     assert uint8.dtype == jnp.uint8
     assert np.abs(np.asarray(uint8, int) - np.round(ref * 255).astype(int)).max() <= 1
 
@@ -76,9 +99,26 @@ def test_sd3_matches_diffusers(sd3, steps, scale, negative):
     ref_pipe, pipe = sd3
     latents = np.random.default_rng(steps).normal(size=(2, 8, 12, 4)).astype(np.float32)  # 16x24 pixels
     with torch.no_grad():
-        ref = ref_pipe(PROMPTS, negative_prompt=negative, height=16, width=24, num_inference_steps=steps,
-                       guidance_scale=scale, latents=torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()),
-                       max_sequence_length=20, output_type="np").images  # fmt: skip
-    ours = pipe(PROMPTS, negative_prompt=negative, height=16, width=24, num_inference_steps=steps,
-                guidance_scale=scale, latents=latents, max_sequence_length=20, output="float")  # fmt: skip
+        ref = ref_pipe(
+            PROMPTS,
+            negative_prompt=negative,
+            height=16,
+            width=24,
+            num_inference_steps=steps,
+            guidance_scale=scale,
+            latents=torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()),
+            max_sequence_length=20,
+            output_type="np",
+        ).images
+    ours = pipe(
+        PROMPTS,
+        negative_prompt=negative,
+        height=16,
+        width=24,
+        num_inference_steps=steps,
+        guidance_scale=scale,
+        latents=latents,
+        max_sequence_length=20,
+        output="float",
+    )
     assert rel_err(ours, ref) < MODEL_TOL

@@ -24,47 +24,83 @@ CLIP_LEN = 16
 
 def _clip(cls, hidden, act="quick_gelu", seed=0, **kw):
     torch.manual_seed(seed)
-    cfg = CLIPTextConfig(vocab_size=128, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=CLIP_LEN, hidden_act=act, eos_token_id=1,
-                         bos_token_id=0, pad_token_id=1, **kw)  # fmt: skip
+    cfg = CLIPTextConfig(
+        vocab_size=128,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=CLIP_LEN,
+        hidden_act=act,
+        eos_token_id=1,
+        bos_token_id=0,
+        pad_token_id=1,
+        **kw,
+    )
     return cls(cfg).eval()
 
 
 def _t5(d_model, seed=0):
     torch.manual_seed(seed)
-    cfg = T5Config(vocab_size=64, d_model=d_model, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
-                   feed_forward_proj="gated-gelu", relative_attention_num_buckets=8,
-                   relative_attention_max_distance=16, decoder_start_token_id=0)  # fmt: skip
+    cfg = T5Config(
+        vocab_size=64,
+        d_model=d_model,
+        d_kv=8,
+        d_ff=48,
+        num_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        decoder_start_token_id=0,
+    )
     return T5EncoderModel(cfg).eval()
 
 
 def _vae():
-    return make_vae(seed=4, block_out_channels=(32, 32), latent_channels=4, use_quant_conv=False,
-                    use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159)  # fmt: skip
+    return make_vae(
+        seed=4,
+        block_out_channels=(32, 32),
+        latent_channels=4,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+    )
 
 
 def flux_pipeline(root: Path) -> FluxPipeline:
     pipe = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256,
-                                                  max_image_seq_len=4096, base_shift=0.5, max_shift=1.15),
-        vae=_vae(), text_encoder=_clip(CLIPTextModel, 12),
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+            base_shift=0.5,
+            max_shift=1.15,
+        ),
+        vae=_vae(),
+        text_encoder=_clip(CLIPTextModel, 12),
         tokenizer=AutoTokenizer.from_pretrained(clip_tokenizer(root / "tok_clip", CLIP_LEN)),
-        text_encoder_2=_t5(24), tokenizer_2=AutoTokenizer.from_pretrained(t5_tokenizer(root / "tok_t5")),
+        text_encoder_2=_t5(24),
+        tokenizer_2=AutoTokenizer.from_pretrained(t5_tokenizer(root / "tok_t5")),
         transformer=make_flux(joint_attention_dim=24, pooled_projection_dim=12),
-    )  # fmt: skip
+    )
     pipe.save_pretrained(root / "flux", safe_serialization=True)
     return pipe
 
 
 def sd3_pipeline(root: Path) -> StableDiffusion3Pipeline:
     pipe = StableDiffusion3Pipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_vae(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_vae(),
         text_encoder=_clip(CLIPTextModelWithProjection, 12, projection_dim=12, seed=1),
         tokenizer=AutoTokenizer.from_pretrained(clip_tokenizer(root / "tok_clip", CLIP_LEN)),
         text_encoder_2=_clip(CLIPTextModelWithProjection, 16, act="gelu", projection_dim=16, seed=2),
         tokenizer_2=AutoTokenizer.from_pretrained(root / "tok_clip"),
-        text_encoder_3=_t5(32, seed=3), tokenizer_3=AutoTokenizer.from_pretrained(t5_tokenizer(root / "tok_t5")),
+        text_encoder_3=_t5(32, seed=3),
+        tokenizer_3=AutoTokenizer.from_pretrained(t5_tokenizer(root / "tok_t5")),
         transformer=make_sd3(joint_attention_dim=32, pooled_projection_dim=28),
-    )  # fmt: skip
+    )
     pipe.save_pretrained(root / "sd3", safe_serialization=True)
     return pipe

@@ -4,8 +4,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
-WORDS = ("a", "the", "red", "blue", "green", "circle", "square", "on", "of", "with", "background", "small", "large",
-         "photo", "cat", "dog", "sky")  # fmt: skip
+WORDS = (
+    "a",
+    "the",
+    "red",
+    "blue",
+    "green",
+    "circle",
+    "square",
+    "on",
+    "of",
+    "with",
+    "background",
+    "small",
+    "large",
+    "photo",
+    "cat",
+    "dog",
+    "sky",
+)
 
 
 def clip_tokenizer(folder: Path, model_max_length: int = 77) -> Path:
@@ -41,8 +58,9 @@ def t5_tokenizer(folder: Path) -> Path:
     tok = Tokenizer(models.Unigram(pieces, unk_id=2))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    fast = T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-                           extra_ids=0, model_max_length=512)  # fmt: skip
+    fast = T5TokenizerFast(
+        tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0, model_max_length=512
+    )
     folder.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(folder)
     return folder

@@ -36,8 +36,13 @@ def sd3_schedule(num_steps: int, shift: float = 3.0, num_train_timesteps: int = 
     return np.append(sigmas, np.float32(0)), sigmas * np.float32(num_train_timesteps)
 
 
-def flux_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
-            max_shift: float = 1.15) -> float:  # fmt: skip
+def flux_mu(
+    image_seq_len: int,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
     """diffusers' calculate_shift: linear in the packed image-token count (not clipped past max_seq_len)."""
     m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
     return image_seq_len * m + (base_shift - m * base_seq_len)

@@ -173,8 +173,12 @@ class Flux(nn.Module):
 
         scale, shift = AdaLN(2, d, name="norm_out", **kw)(temb)  # AdaLayerNormContinuous: (scale, shift)
         img = modulate(LayerNorm(1e-6, use_scale=False, use_bias=False, dtype=self.dtype)(x[:, t:]), shift, scale)
-        out = Dense(cfg.in_channels if cfg.out_channels is None else cfg.out_channels, axes=("embed", None),
-                    name="proj_out", **kw)(img)  # fmt: skip
+        out = Dense(
+            cfg.in_channels if cfg.out_channels is None else cfg.out_channels,
+            axes=("embed", None),
+            name="proj_out",
+            **kw,
+        )(img)
         return unpack(out, h, w)
 
 

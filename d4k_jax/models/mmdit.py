@@ -101,8 +101,16 @@ class PatchEmbed(nn.Module):
             "pos_embed",
             lambda *_: jnp.asarray(sincos_table(d, m, cfg.sample_size // p)[None], self.param_dtype),
         )  # [1, m * m, D]
-        y = Conv2d(d, kernel_size=p, stride=p, padding=0, axes=(None, None, None, "embed"), dtype=self.dtype,
-                   param_dtype=self.param_dtype, name="proj")(x)  # fmt: skip
+        y = Conv2d(
+            d,
+            kernel_size=p,
+            stride=p,
+            padding=0,
+            axes=(None, None, None, "embed"),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="proj",
+        )(x)
         b, h, w, _ = y.shape
         top, left = (m - h) // 2, (m - w) // 2
         pos = table.reshape(m, m, d)[top : top + h, left : left + w].reshape(1, h * w, d)

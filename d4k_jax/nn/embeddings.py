@@ -58,8 +58,13 @@ class AdaLN(nn.Module):
 
     @nn.compact
     def __call__(self, emb: jax.Array) -> list[jax.Array]:
-        mod = Dense(self.chunks * self.features, axes=("embed", "mlp"), dtype=self.dtype,
-                    param_dtype=self.param_dtype, name="linear")(nn.silu(emb))  # fmt: skip
+        mod = Dense(
+            self.chunks * self.features,
+            axes=("embed", "mlp"),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="linear",
+        )(nn.silu(emb))
         return jnp.split(mod[:, None, :], self.chunks, axis=-1)
 
 

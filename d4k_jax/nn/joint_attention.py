@@ -32,8 +32,13 @@ class JointAttention(nn.Module):
     param_dtype: Any = jnp.float32
 
     def _project(self, x: jax.Array, proj: str, norm: str | None) -> jax.Array:  # [B, L, D] -> [B, L, N, K]
-        y = Dense(self.heads * self.head_dim, axes=("embed", "heads"), dtype=self.dtype,
-                  param_dtype=self.param_dtype, name=proj)(x)  # fmt: skip
+        y = Dense(
+            self.heads * self.head_dim,
+            axes=("embed", "heads"),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=proj,
+        )(x)
         y = y.reshape(*x.shape[:2], self.heads, self.head_dim)
         if norm is None or not self.qk_norm:
             return y

@@ -27,9 +27,16 @@ def flux_conditioning(
 
 
 def sd3_conditioning(
-    clip_l: Encoder, clip_l_ids: jax.Array, clip_g: Encoder, clip_g_ids: jax.Array, t5: Encoder | None,
-    t5_ids: jax.Array | None, *, clip_skip: int | None = None, t5_width: int = 4096,
-) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+    clip_l: Encoder,
+    clip_l_ids: jax.Array,
+    clip_g: Encoder,
+    clip_g_ids: jax.Array,
+    t5: Encoder | None,
+    t5_ids: jax.Array | None,
+    *,
+    clip_skip: int | None = None,
+    t5_width: int = 4096,
+) -> tuple[jax.Array, jax.Array]:
     """(encoder_hidden_states [B, 77 + T, t5_width], pooled_projections [B, 2048]). Without T5 (t5=None)
     its part is zeros of `t5_ids.shape[1]` tokens (256 when t5_ids is None), as the pipeline does."""
     layer = -2 if clip_skip is None else -(clip_skip + 2)

@@ -83,8 +83,9 @@ class FluxPipeline:
             )
         sigmas, timesteps = flux_schedule(num_inference_steps, (shape[1] // 2) * (shape[2] // 2))
         guidance = jnp.full((len(prompts),), guidance_scale, jnp.float32) if module.config.guidance_embeds else None
-        images = self._sample(self.transformer[1], self.vae[1], latents.astype(module.dtype), text, pooled, guidance,
-                              sigmas, timesteps)  # fmt: skip
+        images = self._sample(
+            self.transformer[1], self.vae[1], latents.astype(module.dtype), text, pooled, guidance, sigmas, timesteps
+        )
         return base.to_output(images, output)
 
 

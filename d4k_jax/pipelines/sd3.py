@@ -19,8 +19,18 @@ from d4k_jax.pipelines.tokenizer import Tokenizer
 class SD3Pipeline:
     """Components are (module, params) pairs (text_encoder_3 may be None: T5 dropped, zeros in its place)."""
 
-    def __init__(self, transformer, vae, text_encoder, text_encoder_2, text_encoder_3, tokenizer: Tokenizer,
-                 tokenizer_2: Tokenizer, tokenizer_3: Tokenizer | None, shift: float = 3.0):  # fmt: skip
+    def __init__(
+        self,
+        transformer,
+        vae,
+        text_encoder,
+        text_encoder_2,
+        text_encoder_3,
+        tokenizer: Tokenizer,
+        tokenizer_2: Tokenizer,
+        tokenizer_3: Tokenizer | None,
+        shift: float = 3.0,
+    ):
         self.transformer, self.vae, self.shift = transformer, vae, shift
         self.text_encoders = (text_encoder, text_encoder_2, text_encoder_3)
         self.tokenizers = (tokenizer, tokenizer_2, tokenizer_3)
@@ -87,21 +97,32 @@ class SD3Pipeline:
             neg_text, neg_pooled = negative_prompt_embeds or self.encode_prompt(negative, length)
             text, pooled = jnp.concatenate([neg_text, text]), jnp.concatenate([neg_pooled, pooled])
         module = self.transformer[0]
-        shape = base.latent_shape(b, height, width, module.config.patch_size * self.vae[0].config.downsample_factor,
-                                  module.config.in_channels)  # fmt: skip
+        shape = base.latent_shape(
+            b, height, width, module.config.patch_size * self.vae[0].config.downsample_factor, module.config.in_channels
+        )
         latents = base.initial_noise(seed, shape, module.dtype) if latents is None else jnp.asarray(latents)
         if latents.shape != shape:
             raise ValueError(f"latents must be {shape} for {b} prompts at {height}x{width}, got {latents.shape}")
         sigmas, timesteps = sd3_schedule(num_inference_steps, self.shift)
-        images = self._sample(self.transformer[1], self.vae[1], latents.astype(module.dtype), text, pooled,
-                              jnp.float32(guidance_scale), sigmas, timesteps, cfg=cfg)  # fmt: skip
+        images = self._sample(
+            self.transformer[1],
+            self.vae[1],
+            latents.astype(module.dtype),
+            text,
+            pooled,
+            jnp.float32(guidance_scale),
+            sigmas,
+            timesteps,
+            cfg=cfg,
+        )
         return base.to_output(images, output)
 
 
 def _encode(clip_l, clip_g, t5, t5_width, clip_l_params, clip_g_params, t5_params, ids_l, ids_g, ids_t5):
     encoder_t5 = None if t5 is None else (t5, t5_params)
-    return sd3_conditioning((clip_l, clip_l_params), ids_l, (clip_g, clip_g_params), ids_g, encoder_t5, ids_t5,
-                            t5_width=t5_width)  # fmt: skip
+    return sd3_conditioning(
+        (clip_l, clip_l_params), ids_l, (clip_g, clip_g_params), ids_g, encoder_t5, ids_t5, t5_width=t5_width
+    )
 
 
 def _sample(module, vae, params, vae_params, latents, text, pooled, scale, sigmas, timesteps, *, cfg):
