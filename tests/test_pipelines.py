@@ -122,3 +122,49 @@ def test_sd3_matches_diffusers(sd3, steps, scale, negative):
         output="float",
     )
     assert rel_err(ours, ref) < MODEL_TOL
+
+
+def test_f16_decode_in_the_pipeline_matches_the_reference(flux):
+    """vae_stride=2: the pipeline's images are the F16 reference decode of the same final latents."""
+    from helpers import nchw, nhwc
+    from torch_vae import f16_decode
+
+    ref_pipe, pipe = flux
+    pipe16 = FluxPipeline(
+        pipe.transformer, _f16(pipe.vae), pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer, pipe.tokenizer_2
+    )
+    latents = np.random.default_rng(0).normal(size=(1, 8, 8, 4)).astype(np.float32)  # 32x32 pixels with F16
+    images = pipe16(
+        PROMPTS[:1], height=32, width=32, num_inference_steps=2, latents=latents, max_sequence_length=12, output="float"
+    )
+    vae = ref_pipe.vae
+    z = _final_latents(pipe, latents) / vae.config.scaling_factor + vae.config.shift_factor
+    ref = np.clip(nhwc(f16_decode(vae, nchw(z), shifted=False)) / 2 + 0.5, 0, 1)
+    assert images.shape == (1, 32, 32, 3)
+    assert rel_err(images, ref) < MODEL_TOL
+
+
+def _f16(vae_pair):
+    import dataclasses
+
+    from d4k_jax.models.vae import AutoencoderKL
+
+    module, params = vae_pair
+    return AutoencoderKL(dataclasses.replace(module.config, stride=2), dtype=module.dtype), params
+
+
+def _final_latents(pipe, latents):
+    """The sampler run by hand: 2 steps of the schedule for 16 packed tokens, guidance 3.5."""
+    from d4k_jax.diffusion.flow import flux_schedule
+    from d4k_jax.diffusion.sampler import euler_sample
+
+    text, pooled = pipe.encode_prompt(PROMPTS[:1], 12)
+    module, params = pipe.transformer
+    sigmas, timesteps = flux_schedule(2, 16)
+    timesteps = jnp.asarray(timesteps)
+
+    def velocity(x, i):
+        t = jnp.broadcast_to(timesteps[i] / 1000, (1,))
+        return module.apply({"params": params}, x, t, text, pooled, jnp.full((1,), 3.5))
+
+    return np.asarray(euler_sample(velocity, jnp.asarray(latents), sigmas))
