@@ -148,6 +148,111 @@ def tiny_forward(args) -> None:
         )
 
 
+def tiny_steps(args) -> None:
+    """Seconds per denoising step of a tiny Flux / SD3 pipeline, d4k_jax vs diffusers: (t(2n) - t(n)) / n, so
+    that prompt encoding and decoding cancel out; same prompts and noise, both warmed up."""
+    import pathlib
+    import tempfile
+
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, "tests")
+    from tiny_pipelines import flux_pipeline, sd3_pipeline
+
+    from d4k_jax.pipelines.flux import FluxPipeline
+    from d4k_jax.pipelines.sd3 import SD3Pipeline
+
+    prompts = ["a red cat on the sky", "a blue dog"]
+    with tempfile.TemporaryDirectory() as tmp:
+        ref = (flux_pipeline if args.model == "flux" else sd3_pipeline)(pathlib.Path(tmp))
+        ours = (FluxPipeline if args.model == "flux" else SD3Pipeline).from_pretrained(
+            pathlib.Path(tmp) / args.model, dtype=jnp.float32
+        )
+    latents = np.random.default_rng(0).normal(size=(2, 16, 16, 4)).astype(np.float32)  # 32x32 pixels
+    torch_latents = torch.from_numpy(latents.transpose(0, 3, 1, 2).copy())
+    if args.model == "flux":
+        torch_latents = ref._pack_latents(torch_latents, 2, 4, 16, 16)
+    kw = dict(height=32, width=32, max_sequence_length=16)
+    runs = {
+        "d4k_jax": lambda n: np.asarray(ours(prompts, num_inference_steps=n, latents=latents, **kw)),
+        "diffusers": lambda n: ref(prompts, num_inference_steps=n, latents=torch_latents, output_type="np", **kw),
+    }
+    n = args.steps
+    for name, run in runs.items():
+        timings = {}
+        for steps in (n, 2 * n):
+            run(steps)  # warm up (compiles once per step count in JAX)
+            times = []
+            for _ in range(args.repeats):
+                t = time.perf_counter()
+                with torch.no_grad():
+                    run(steps)
+                times.append(time.perf_counter() - t)
+            timings[steps] = float(np.median(times))
+        per_step = (timings[2 * n] - timings[n]) / n
+        print(
+            f"{name:9s} tiny {args.model} pipeline, batch 2, 32x32 ({'CFG, ' if args.model == 'sd3' else ''}"
+            f"{n} vs {2 * n} steps): {1e3 * per_step:.2f} ms/step (torch threads {torch.get_num_threads()})"
+        )
+
+
+def pipeline_memory(args) -> None:
+    """Compiled memory of the whole bf16 sampling program (denoising loop + VAE decode) at args.size² on one
+    device: the peak one device needs once the text encoders are released."""
+    import dataclasses
+
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from d4k_jax.models import vae as vae_lib
+    from d4k_jax.pipelines import flux as flux_pipe
+    from d4k_jax.pipelines import sd3 as sd3_pipe
+
+    dtype = jnp.dtype(args.dtype)
+    text_len = 512 if args.model == "flux" else 77 + 256  # sampling: T5 512 (Flux); 77 CLIP + 256 T5 (SD3)
+    module, inputs, small = _full_size(args.model, 1, args.size, text_len, dtype, "none")
+    vae = vae_lib.AutoencoderKL(
+        dataclasses.replace(vae_lib.FLUX_VAE if args.model == "flux" else vae_lib.SD3_VAE, stride=2),
+        dtype=dtype,
+        param_dtype=dtype,
+    )
+    params = jax.eval_shape(lambda: nn.unbox(module.init(jax.random.key(0), *small))["params"])
+    vae_params = jax.eval_shape(
+        lambda: nn.unbox(vae.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3), dtype)))["params"]
+    )
+    sigmas = jax.ShapeDtypeStruct((args.steps + 1,), jnp.float32)
+    timesteps = jax.ShapeDtypeStruct((args.steps,), jnp.float32)
+    latents, _, text, pooled = inputs[:4]
+    t = time.perf_counter()
+    if args.model == "flux":
+        fn = jax.jit(lambda *a: flux_pipe._sample(module, vae, *a))
+        lowered = fn.lower(params, vae_params, latents, text, pooled, inputs[4], sigmas, timesteps)
+    else:  # CFG: cond and uncond text in one batch of 2
+        two = lambda x: jax.ShapeDtypeStruct((2, *x.shape[1:]), x.dtype)
+        fn = jax.jit(lambda *a: sd3_pipe._sample(module, vae, *a, cfg=True))
+        lowered = fn.lower(
+            params,
+            vae_params,
+            latents,
+            two(text),
+            two(pooled),
+            jax.ShapeDtypeStruct((), jnp.float32),
+            sigmas,
+            timesteps,
+        )
+    m = lowered.compile().memory_analysis()
+    gib = lambda b: b / 2**30
+    peak = m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes
+    print(
+        f"{args.model} {dtype} sampling program ({args.steps} steps + F16 decode) at {args.size}² on "
+        f"{jax.default_backend()}: args {gib(m.argument_size_in_bytes):.2f} GiB, temp {gib(m.temp_size_in_bytes):.2f}"
+        f" GiB, peak {gib(peak):.2f} GiB (compile {time.perf_counter() - t:.0f}s)"
+    )
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -167,12 +272,28 @@ def main(argv=None) -> None:
     p.add_argument("--model", choices=["flux", "sd3"], default="flux")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--repeats", type=int, default=20)
+    p = sub.add_parser("tiny_steps", help="tiny pipeline seconds per denoising step, d4k_jax vs diffusers")
+    p.add_argument("--model", choices=["flux", "sd3"], default="flux")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=5)
+    p = sub.add_parser("pipeline_memory", help="compiled memory of the whole 4K sampling program on one device")
+    p.add_argument("--model", choices=["flux", "sd3"], default="flux")
+    p.add_argument("--size", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     args = parser.parse_args(argv)
     if getattr(args, "devices", 1) > 1 and "jax" not in sys.modules:
         os.environ["XLA_FLAGS"] = (
             os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.devices}"
         )
-    {"vae_memory": vae_memory, "forward_memory": forward_memory, "tiny_forward": tiny_forward}[args.cmd](args)
+    commands = dict(
+        vae_memory=vae_memory,
+        forward_memory=forward_memory,
+        tiny_forward=tiny_forward,
+        tiny_steps=tiny_steps,
+        pipeline_memory=pipeline_memory,
+    )
+    commands[args.cmd](args)
 
 
 if __name__ == "__main__":
