@@ -25,9 +25,6 @@ from d4k_jax import sharding
 from d4k_jax.data.demo import demo_examples
 from d4k_jax.models import vae as vae_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/vae_recon.py", "reconstruction config")
-_WORKDIR = flags.DEFINE_string("workdir", None, "output folder", required=True)
-
 SPATIAL = ("batch", "height", "width", "channels")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -133,4 +130,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    # flags are defined only when run as a program, so that tests can import several CLIs
+    _CONFIG = config_flags.DEFINE_config_file("config", "configs/vae_recon.py", "reconstruction config")
+    _WORKDIR = flags.DEFINE_string("workdir", None, "output folder", required=True)
     app.run(main)

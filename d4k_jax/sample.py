@@ -28,10 +28,6 @@ from tqdm import tqdm
 from d4k_jax import sharding
 from d4k_jax.pipelines import base
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/flux_wlf.py or configs/sd3_wlf.py")
-_PROMPTS = flags.DEFINE_string("prompts", None, "prompt file: .txt (one per line) or metadata.jsonl", required=True)
-_OUTDIR = flags.DEFINE_string("outdir", None, "output folder", required=True)
-
 
 def read_prompts(path: str | Path) -> list[str]:
     path = Path(path)
@@ -154,4 +150,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    # flags are defined only when run as a program, so that tests can import several CLIs
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/flux_wlf.py or configs/sd3_wlf.py")
+    _PROMPTS = flags.DEFINE_string("prompts", None, "prompt file: .txt (one per line) or metadata.jsonl", required=True)
+    _OUTDIR = flags.DEFINE_string("outdir", None, "output folder", required=True)
     app.run(main)
