@@ -16,6 +16,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.vae_stride = 2  # the F16 VAE; 1 for the stock F8 VAE
     c.mesh = {"data": -1}  # images are sharded over the devices
     c.num_devices = 0  # 0: every device (of every host); n: the first n
+    c.shard_params = False  # True: FSDP-shard the transformer over the mesh's `fsdp` axis (set mesh fsdp > 1)
+    c.distributed = False  # True on multi-host (TPU pods, GPU clusters): jax.distributed.initialize() first
     c.sample = ml_collections.ConfigDict(
         dict(
             height=4096,

@@ -34,6 +34,7 @@ class Kind:
     build: Callable[..., nn.Module]  # (model config, dtype=, param_dtype=) -> module
     init_inputs: Callable[[Any], tuple]  # model config -> dummy inputs for `init`
     rules: Callable[[Any, Shapes], list[Rule]]  # (model config, parameter shapes) -> key map
+    module_type: type  # the Flax module class `build` returns
     weights_name: str  # file name of the single-file safetensors export
     export_config: Callable[[Mapping[str, Any]], dict]
     # (model config, parameter shapes, a checkpoint's keys) -> its key map, for kinds whose checkpoints name
@@ -70,6 +71,7 @@ def _mmdit_inputs(cfg: MMDiTConfig) -> tuple:
 KINDS = (
     Kind(
         name="vae",
+        module_type=AutoencoderKL,
         class_names=vae_map.CLASS_NAMES,
         config_from=vae_map.config_from_diffusers,
         build=lambda cfg, **kw: AutoencoderKL(cfg, **kw),
@@ -80,6 +82,7 @@ KINDS = (
     ),
     Kind(
         name="flux",
+        module_type=Flux,
         class_names=flux_map.CLASS_NAMES,
         config_from=flux_map.config_from_diffusers,
         build=lambda cfg, **kw: Flux(cfg, **kw),
@@ -90,6 +93,7 @@ KINDS = (
     ),
     Kind(
         name="mmdit",
+        module_type=MMDiT,
         class_names=sd3_map.CLASS_NAMES,
         config_from=sd3_map.config_from_diffusers,
         build=lambda cfg, **kw: MMDiT(cfg, **kw),
@@ -100,6 +104,7 @@ KINDS = (
     ),
     Kind(
         name="clip_text",
+        module_type=CLIPTextModel,
         class_names=clip_map.CLASS_NAMES,
         config_from=clip_map.config_from_transformers,
         build=lambda cfg, **kw: CLIPTextModel(cfg, **kw),
@@ -111,6 +116,7 @@ KINDS = (
     ),
     Kind(
         name="t5_encoder",
+        module_type=T5EncoderModel,
         class_names=t5_map.CLASS_NAMES,
         config_from=t5_map.config_from_transformers,
         build=lambda cfg, **kw: T5EncoderModel(cfg, **kw),
@@ -121,6 +127,14 @@ KINDS = (
         rules_for_keys=t5_map.checkpoint_rules,
     ),
 )
+
+
+def kind_of_module(module: nn.Module) -> Kind:
+    """The kind whose `build` made `module`."""
+    for kind in KINDS:
+        if isinstance(module, kind.module_type):
+            return kind
+    raise ValueError(f"no conversion kind builds {type(module).__name__}")
 
 
 def class_name(cfg: Mapping[str, Any]) -> str | None:

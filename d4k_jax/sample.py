@@ -81,7 +81,7 @@ def run(c: ml_collections.ConfigDict, prompts_file: str, outdir: str) -> int:
         raise ValueError(f"batch_size {batch} must be a multiple of the {mesh.devices.size} devices")
     data = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     replicated = NamedSharding(mesh, PartitionSpec())
-    pipe.transformer = (pipe.transformer[0], jax.device_put(pipe.transformer[1], replicated))
+    pipe.transformer = (pipe.transformer[0], _place(pipe.transformer, mesh, c.get("shard_params", False)))
     pipe.vae = (pipe.vae[0], jax.device_put(pipe.vae[1], replicated))
     module = pipe.transformer[0]
     shape = base.latent_shape(1, s.height, s.width, _factor(c, pipe), _channels(c, module))[1:]
@@ -100,7 +100,14 @@ def run(c: ml_collections.ConfigDict, prompts_file: str, outdir: str) -> int:
                 negative = pipe.encode_prompt([s.negative_prompt] * len(texts), s.max_sequence_length)
                 kwargs["negative_prompt_embeds"] = jax.device_put(negative, data)
             images = pipe(texts, latents=jax.device_put(noise, data), **kwargs)
+            if jax.process_count() > 1:  # every host gets the whole batch; host 0 writes (untested: one host here)
+                from jax.experimental import multihost_utils
+
+                images = multihost_utils.process_allgather(images, tiled=True)
             images = np.asarray(jax.device_get(images))
+            if jax.process_index() != 0:
+                bar.update(len(chunk))
+                continue
             for (p, k), image, seed in zip(chunk, images, seeds, strict=False):
                 name = f"{p:05d}_{k:02d}.{ext}"
                 _save(image, out / name, s.format)
@@ -126,6 +133,18 @@ def run(c: ml_collections.ConfigDict, prompts_file: str, outdir: str) -> int:
     return written
 
 
+def _place(component, mesh, shard: bool):
+    """The transformer's params on the mesh: replicated, or FSDP-sharded by their logical axes
+    (sharding.DEFAULT_RULES: "embed" over `fsdp`) when the model does not fit one device."""
+    module, params = component
+    if not shard:
+        return jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+    from conversion.components import kind_of_module
+
+    abstract = jax.eval_shape(module.init, jax.random.key(0), *kind_of_module(module).init_inputs(module.config))
+    return jax.device_put(params, sharding.params_sharding(mesh, sharding.DEFAULT_RULES, abstract)["params"])
+
+
 def _factor(c, pipe) -> int:
     """Pixels per packed token side: the VAE's factor times the transformer's 2x2 patches."""
     return 2 * pipe.vae[0].config.downsample_factor
@@ -143,6 +162,8 @@ def _save(image: np.ndarray, path: Path, fmt: str) -> None:
 
 def main(argv):
     del argv
+    if _CONFIG.value is not None and _CONFIG.value.get("distributed", False):
+        jax.distributed.initialize()  # multi-host: coordinator and process ids from the environment
     if _CONFIG.value is None:
         raise app.UsageError("--config is required (configs/flux_wlf.py or configs/sd3_wlf.py)")
     n = run(_CONFIG.value, _PROMPTS.value, _OUTDIR.value)

@@ -72,3 +72,16 @@ def test_metadata_jsonl_prompts_and_errors(pipes, tmp_path):
     c.sample.height = 18
     with pytest.raises(ValueError, match="multiples of 4"):
         sample.run(c, pipes / "prompts.txt", tmp_path / "out")
+
+
+def test_fsdp_sharded_params_give_the_same_images(pipes, tmp_path):
+    plain = _config("flux", pipes)
+    plain.sample.images_per_prompt = 1
+    sample.run(plain, pipes / "prompts.txt", tmp_path / "replicated")
+    fsdp = _config("flux", pipes, data=2, fsdp=4)
+    fsdp.sample.images_per_prompt, fsdp.shard_params = 1, True
+    assert sample.run(fsdp, pipes / "prompts.txt", tmp_path / "fsdp") == 3
+    a, b = _images(tmp_path / "replicated"), _images(tmp_path / "fsdp")
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert np.abs(a[name].astype(int) - b[name].astype(int)).max() <= 1, name
