@@ -52,3 +52,33 @@ def test_flux_mu_extrapolates_at_4096_with_f16():
 def test_bad_step_count():
     with pytest.raises(ValueError, match="at least 1"):
         flow.sd3_schedule(0)
+
+
+def test_sd3_training_sigmas_index_the_diffusers_table():
+    """The reference: u = sigmoid(n), indices = (u * 1000).long(), sigmas = scheduler.sigmas[indices]."""
+    import jax
+    import torch
+
+    key = jax.random.key(0)
+    ours = np.asarray(flow.sd3_training_sigmas(key, 4096))
+    u = 1 / (1 + np.exp(-np.asarray(jax.random.normal(key, (4096,), np.float32), np.float64)))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    table = scheduler.sigmas.numpy()
+    want = table[np.floor(torch.from_numpy(u.astype(np.float32)).numpy() * 1000).astype(int)]
+    np.testing.assert_allclose(ours, want, rtol=1e-6)
+    assert ours.min() > 0 and ours.max() <= 1.0
+
+
+def test_flux_training_sigmas_are_the_thousandths():
+    import jax
+
+    s = np.asarray(flow.flux_training_sigmas(jax.random.key(1), 20000))
+    np.testing.assert_allclose(s * 1000, np.round(s * 1000), atol=1e-3)
+    assert s.min() >= 0.001 and s.max() <= 1.0 and abs(s.mean() - 0.5005) < 0.01
+
+
+def test_add_noise():
+    x0, eps = np.ones((2, 2, 2, 1), np.float32), np.zeros((2, 2, 2, 1), np.float32)
+    out = np.asarray(flow.add_noise(x0, eps, np.array([0.25, 1.0], np.float32)))
+    np.testing.assert_allclose(out[0], 0.75)
+    np.testing.assert_allclose(out[1], 0.0)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -60,3 +62,32 @@ def flux_schedule(num_steps: int, image_seq_len: int, num_train_timesteps: int =
 def _check_steps(num_steps: int) -> None:
     if num_steps < 1:
         raise ValueError(f"num_inference_steps must be at least 1, got {num_steps}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training: noise levels and noising (REFERENCE.md §3)
+
+
+def sd3_training_sigmas(key: jax.Array, batch: int, shift: float = 3.0, num_train_timesteps: int = 1000) -> jax.Array:
+    """Logit-normal index into the shift-3 table: u = sigmoid(n), i = floor(1000 u), s = (1000 - i) / 1000,
+    sigma = shift s / (1 + (shift - 1) s). The model gets timestep 1000 sigma."""
+    u = jax.nn.sigmoid(jax.random.normal(key, (batch,), jnp.float32))
+    i = jnp.floor(u * num_train_timesteps)
+    return shifted((num_train_timesteps - i) / num_train_timesteps, shift).astype(jnp.float32)
+
+
+def flux_training_sigmas(key: jax.Array, batch: int, num_train_timesteps: int = 1000) -> jax.Array:
+    """sigma uniform on {1/1000, 2/1000, ..., 1} (no shift in the reference's Flux training)."""
+    i = jax.random.randint(key, (batch,), 1, num_train_timesteps + 1)
+    return (i / num_train_timesteps).astype(jnp.float32)
+
+
+def shifted_uniform_sigmas(key: jax.Array, batch: int, shift: float) -> jax.Array:
+    """An alternative: uniform sigma with a static (e.g. resolution-dependent) shift."""
+    return shifted(jax.random.uniform(key, (batch,), jnp.float32, 1e-3, 1.0), shift).astype(jnp.float32)
+
+
+def add_noise(x0: jax.Array, noise: jax.Array, sigma: jax.Array) -> jax.Array:
+    """x_t = (1 - sigma) x0 + sigma eps, sigma [B] broadcast over [B, H, W, C]."""
+    s = sigma.reshape(-1, *([1] * (x0.ndim - 1))).astype(x0.dtype)
+    return (1 - s) * x0 + s * noise
