@@ -4,6 +4,7 @@ loss written here, autograd), for Flux and SD3; sharded step equals the single-d
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 from conftest import MODEL_TOL, rel_err
@@ -119,3 +120,42 @@ def test_frozen_parameters_stay_put(tmp_path):
     new, _ = ts.train_step(state, batch, jax.random.key(0), model=module, tx=tx, cfg=ts.LossConfig(model="sd3"))
     np.testing.assert_array_equal(new.params["pos_embed"]["pos_embed"], params["pos_embed"]["pos_embed"])
     assert bool(jnp.any(new.params["proj_out"]["kernel"] != params["proj_out"]["kernel"]))
+
+
+def test_sharded_step_equals_single_device(tmp_path):
+    """data x fsdp over 8 fake devices: the same loss and parameters after a step as on one device."""
+    import flax.linen as nn
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from d4k_jax import sharding
+
+    module, params = load_component(save_component(make_flux(seed=5), tmp_path / "flux"))
+    # plain SGD (lr 1): the new params expose the gradients; Adam's first step, lr * g / (|g| + eps), would
+    # turn reduction-order differences in near-zero gradients into differences of up to lr
+    tx = optax.sgd(1.0)
+    rng = np.random.default_rng(0)
+    batch = {
+        "x0": rng.normal(size=(8, 8, 8, 4)),
+        "text": rng.normal(size=(8, 5, 24)),
+        "pooled": rng.normal(size=(8, 12)),
+    }
+    batch = {k: jnp.asarray(v, jnp.float32) for k, v in batch.items()}
+    step = lambda s, b, k: ts.train_step(s, b, k, model=module, tx=tx, cfg=ts.LossConfig())
+    state = ts.TrainState(jnp.int32(0), params, tx.init(params))
+    want, want_metrics = jax.jit(step)(state, batch, jax.random.key(0))
+
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
+    abstract = jax.eval_shape(
+        module.init, jax.random.key(0), batch["x0"], jnp.zeros(8), batch["text"], batch["pooled"], jnp.zeros(8)
+    )
+    p_shard = sharding.params_sharding(mesh, sharding.DEFAULT_RULES, abstract)["params"]
+    sharded_state = ts.TrainState(state.step, jax.device_put(params, p_shard), tx.init(jax.device_put(params, p_shard)))
+    data = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+        got, got_metrics = jax.jit(step, donate_argnums=0)(
+            sharded_state, jax.device_put(batch, data), jax.random.key(0)
+        )
+    assert got.params["x_embedder"]["kernel"].sharding.spec != PartitionSpec()  # really FSDP-sharded
+    assert rel_err(got_metrics["loss"], want_metrics["loss"]) < 1e-5
+    for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(want.params), strict=True):
+        assert rel_err(a, b) < 1e-5
