@@ -1,0 +1,82 @@
+"""The training loop: resume gives the uninterrupted run's losses, overfitting works, NaN policy."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import save_component
+from torch_flux import make_flux
+
+from conversion import load_component
+from conversion.components import kind_of_module
+from d4k_jax import sharding
+from d4k_jax import train_step as ts
+from d4k_jax.trainer import ArrayBatches, NonFiniteLoss, Trainer
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):
+    return load_component(save_component(make_flux(seed=6), tmp_path_factory.mktemp("flux")))
+
+
+def _data(n=16, seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "x0": rng.normal(size=(n, 8, 8, 4)).astype(np.float32),
+        "text": rng.normal(size=(n, 5, 24)).astype(np.float32),
+        "pooled": rng.normal(size=(n, 12)).astype(np.float32),
+    }
+
+
+def _trainer(flux, lr=1e-3, devices=8, **kw):
+    module, params = flux
+    mesh = sharding.make_mesh({"data": 2, "fsdp": devices // 2}, jax.devices()[:devices])
+    inputs = kind_of_module(module).init_inputs(module.config)
+    return Trainer(module, params, ts.optimizer(lr=lr), ts.LossConfig(), mesh, init_inputs=inputs, **kw)
+
+
+def test_resume_gives_the_uninterrupted_losses(flux, tmp_path):
+    data = _data(n=16)
+    straight = _trainer(flux).fit(ArrayBatches(data, 8), tmp_path / "a", 6, checkpoint_every=3)
+    _trainer(flux).fit(ArrayBatches(data, 8), tmp_path / "b", 3, checkpoint_every=3)
+    # resumed on 4 devices: restoring onto a different device count works too
+    resumed = _trainer(flux, devices=4).fit(ArrayBatches(data, 8), tmp_path / "b", 6, checkpoint_every=3)
+    assert [r["step"] for r in resumed] == [4, 5, 6]
+    np.testing.assert_allclose([r["loss"] for r in resumed], [r["loss"] for r in straight[3:]], rtol=1e-5)
+    lines = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3, 4, 5, 6] and {"loss", "grad_norm", "images_per_s"} <= set(lines[0])
+
+
+def test_overfitting_two_examples_drives_the_loss_down(flux, tmp_path):
+    data = _data(n=2, seed=1)
+    trainer = _trainer(flux, lr=1e-2, devices=2)
+    rng = np.random.default_rng(2)
+    noise = rng.normal(size=(2, 8, 8, 4)).astype(np.float32)
+    sigma = np.array([0.4, 0.8], np.float32)
+
+    def eval_loss():
+        params = jax.device_get(trainer.state.params)
+        batch = {k: jnp.asarray(v) for k, v in data.items()}
+        return float(ts.loss_from_noise(trainer.model, params, batch, noise, sigma, trainer.cfg))
+
+    before = eval_loss()
+    trainer.fit(ArrayBatches(data, 2), tmp_path, 100, log_every=10, checkpoint_every=1000)
+    after = eval_loss()
+    assert after < 0.6 * before, (before, after)  # measured 0.98 -> 0.52 (the noise is redrawn every step)
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_non_finite_loss_policy(flux, tmp_path, policy):
+    data = _data(n=4)
+    data["x0"][:, 0, 0, 0] = np.nan
+    trainer = _trainer(flux, devices=4, nan_policy=policy)
+    before = jax.device_get(trainer.state.params)
+    if policy == "stop":
+        with pytest.raises(NonFiniteLoss, match=r"non-finite loss .* at step 0"):
+            trainer.fit(ArrayBatches(data, 4), tmp_path, 1)
+        return
+    rows = trainer.fit(ArrayBatches(data, 4), tmp_path, 2)
+    assert [r["skipped"] for r in rows] == [True, True] and int(trainer.state.step) == 2
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(trainer.state.params), before)
