@@ -1,4 +1,5 @@
-"""FLUX.1-dev with the F16 VAE (Diffusion-4K). Sampling now; the WLF training recipe joins with training.
+"""FLUX.1-dev with the F16 VAE (Diffusion-4K). Sampling settings now; the WLF training recipe joins with
+the training CLI.
 
   python -m d4k_jax.sample --config=configs/flux_wlf.py --config.pipeline=/models/FLUX.1-dev \\
       --prompts=eval/size_4096/metadata.jsonl --outdir=/out/flux4k
@@ -6,34 +7,8 @@
 
 import ml_collections
 
+from configs.sampling import sampling_config
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.model = "flux"
-    c.seed = 0
-    c.pipeline = ml_collections.config_dict.placeholder(str)  # diffusers FLUX.1 folder or converted directory
-    c.dtype = "bfloat16"
-    c.vae_stride = 2  # the F16 VAE; 1 for the stock F8 VAE
-    c.mesh = {"data": -1}  # images are sharded over the devices
-    c.num_devices = 0  # 0: every device (of every host); n: the first n
-    c.shard_params = False  # True: FSDP-shard the transformer over the mesh's `fsdp` axis (set mesh fsdp > 1)
-    c.distributed = False  # True on multi-host (TPU pods, GPU clusters): jax.distributed.initialize() first
-    c.sample = ml_collections.ConfigDict(
-        dict(
-            height=4096,
-            width=4096,
-            steps=50,
-            guidance=7.0,
-            images_per_prompt=1,
-            batch_size=0,
-            max_sequence_length=512,
-            format="jpeg",
-            negative_prompt="",
-        )
-    )  # batch_size 0: one image per device per step
-    if arg == "tiny":
-        c.dtype = "float32"
-        c.sample.update(height=32, width=32, steps=4, max_sequence_length=16)
-    elif arg:
-        raise ValueError(f"unknown config variant {arg!r} (use :tiny or nothing)")
-    return c
+    return sampling_config("flux", steps=50, max_sequence_length=512, arg=arg)  # reference scripts: guidance 7.0

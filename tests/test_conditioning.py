@@ -8,17 +8,15 @@ import torch
 from conftest import MODEL_TOL, rel_err
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
 from helpers import save_component
+from tiny_pipelines import CLIP_LEN, clip_model, t5_model
 from tiny_tokenizers import clip_tokenizer, t5_tokenizer
 from torch_flux import make_flux
 from torch_sd3 import make_sd3
 from torch_vae import make_vae
 from transformers import (
     AutoTokenizer,
-    CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
-    T5Config,
-    T5EncoderModel,
 )
 
 from conversion import load_component
@@ -26,42 +24,6 @@ from d4k_jax.pipelines.conditioning import flux_conditioning, sd3_conditioning
 from d4k_jax.pipelines.tokenizer import Tokenizer
 
 PROMPTS = ["a red cat on the sky", "a photo of a small dog with a large blue square on a green background"]
-CLIP_LEN = 16  # the tiny tokenizers' model_max_length (77 in the real ones)
-
-
-def _clip(cls, hidden, act="quick_gelu", seed=0, **kw):
-    torch.manual_seed(seed)
-    cfg = CLIPTextConfig(
-        vocab_size=128,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        max_position_embeddings=CLIP_LEN,
-        hidden_act=act,
-        eos_token_id=1,
-        bos_token_id=0,
-        pad_token_id=1,
-        **kw,
-    )
-    return cls(cfg).eval()
-
-
-def _t5(d_model, seed=0):
-    torch.manual_seed(seed)
-    cfg = T5Config(
-        vocab_size=64,
-        d_model=d_model,
-        d_kv=8,
-        d_ff=48,
-        num_layers=2,
-        num_heads=4,
-        feed_forward_proj="gated-gelu",
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=16,
-        decoder_start_token_id=0,
-    )
-    return T5EncoderModel(cfg).eval()
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +39,7 @@ def _load(model, folder):
 @pytest.mark.parametrize("max_sequence_length", [10, 24])
 def test_flux_matches_pipeline(folders, tmp_path, max_sequence_length):
     clip_tok, t5_tok = folders
-    clip, t5 = _clip(CLIPTextModel, 12), _t5(24)
+    clip, t5 = clip_model(CLIPTextModel, 12), t5_model(24)
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=make_vae(latent_channels=4),
@@ -99,9 +61,9 @@ def test_flux_matches_pipeline(folders, tmp_path, max_sequence_length):
 @pytest.mark.parametrize("with_t5", [True, False])
 def test_sd3_matches_pipeline(folders, tmp_path, with_t5):
     clip_tok, t5_tok = folders
-    clip_l = _clip(CLIPTextModelWithProjection, 12, projection_dim=12, seed=1)
-    clip_g = _clip(CLIPTextModelWithProjection, 16, act="gelu", projection_dim=16, seed=2)
-    t5 = _t5(32, seed=3) if with_t5 else None
+    clip_l = clip_model(CLIPTextModelWithProjection, 12, projection_dim=12, seed=1)
+    clip_g = clip_model(CLIPTextModelWithProjection, 16, act="gelu", projection_dim=16, seed=2)
+    t5 = t5_model(32, seed=3) if with_t5 else None
     pipe = StableDiffusion3Pipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=make_vae(latent_channels=4),

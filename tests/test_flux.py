@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import MODEL_TOL, rel_err
-from helpers import save_component
+from helpers import assert_sharded_forward_matches, save_component
 from torch_flux import flux_forward, make_flux
 
 from conversion import load_component
@@ -73,10 +73,6 @@ def test_input_errors_are_named(case):
 
 def test_sharded_forward_equals_single_device(tmp_path):
     """Params FSDP x tensor sharded over 8 fake devices: same velocity as one device."""
-    import flax.linen as nn
-
-    from d4k_jax import sharding
-
     module, params = load_component(save_component(make_flux(seed=11), tmp_path / "flux"))
     rng = np.random.default_rng(5)
     args = (
@@ -86,18 +82,7 @@ def test_sharded_forward_equals_single_device(tmp_path):
         rng.normal(size=(2, 12)),
         np.array([3.5, 5.0]),
     )
-    args = tuple(jnp.asarray(a, jnp.float32) for a in args)
-    want = jax.jit(module.apply)({"params": params}, *args)
-
-    mesh = sharding.make_mesh({"fsdp": 4, "tensor": 2})
-    abstract = jax.eval_shape(module.init, jax.random.key(0), *args)
-    shardings = sharding.params_sharding(mesh, sharding.DEFAULT_RULES, abstract)["params"]
-    sharded_params = jax.device_put(params, shardings)
-    kernel = sharded_params["transformer_blocks"]["attn"]["to_q"]["kernel"]
-    assert not kernel.sharding.is_fully_replicated  # the weights really are split over the devices
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
-        got = jax.jit(module.apply)({"params": sharded_params}, *args)
-    assert rel_err(got, want) < 1e-5
+    assert_sharded_forward_matches(module, params, tuple(jnp.asarray(a, jnp.float32) for a in args))
 
 
 def test_bf16_compute_tracks_diffusers_bf16(tmp_path):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import MODEL_TOL, rel_err
-from helpers import save_component
+from helpers import assert_sharded_forward_matches, save_component
 from torch_sd3 import TINY, make_sd3, sd3_forward
 
 from conversion import load_component
@@ -69,10 +69,6 @@ def test_sincos_table_matches_diffusers():
 
 
 def test_sharded_forward_equals_single_device(tmp_path):
-    import flax.linen as nn
-
-    from d4k_jax import sharding
-
     module, params = load_component(save_component(make_sd3(seed=4), tmp_path / "sd3"))
     rng = np.random.default_rng(1)
     args = (
@@ -81,12 +77,4 @@ def test_sharded_forward_equals_single_device(tmp_path):
         rng.normal(size=(2, 5, 20)),
         rng.normal(size=(2, 12)),
     )
-    args = tuple(jnp.asarray(a, jnp.float32) for a in args)
-    want = jax.jit(module.apply)({"params": params}, *args)
-    mesh = sharding.make_mesh({"fsdp": 4, "tensor": 2})
-    abstract = jax.eval_shape(module.init, jax.random.key(0), *args)
-    shardings = sharding.params_sharding(mesh, sharding.DEFAULT_RULES, abstract)["params"]
-    sharded_params = jax.device_put(params, shardings)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
-        got = jax.jit(module.apply)({"params": sharded_params}, *args)
-    assert rel_err(got, want) < 1e-5
+    assert_sharded_forward_matches(module, params, tuple(jnp.asarray(a, jnp.float32) for a in args))

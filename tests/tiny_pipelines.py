@@ -22,7 +22,7 @@ from transformers import (
 CLIP_LEN = 16
 
 
-def _clip(cls, hidden, act="quick_gelu", seed=0, **kw):
+def clip_model(cls, hidden, act="quick_gelu", seed=0, **kw):
     torch.manual_seed(seed)
     cfg = CLIPTextConfig(
         vocab_size=128,
@@ -40,7 +40,7 @@ def _clip(cls, hidden, act="quick_gelu", seed=0, **kw):
     return cls(cfg).eval()
 
 
-def _t5(d_model, seed=0):
+def t5_model(d_model, seed=0):
     torch.manual_seed(seed)
     cfg = T5Config(
         vocab_size=64,
@@ -80,9 +80,9 @@ def flux_pipeline(root: Path) -> FluxPipeline:
             max_shift=1.15,
         ),
         vae=_vae(),
-        text_encoder=_clip(CLIPTextModel, 12),
+        text_encoder=clip_model(CLIPTextModel, 12),
         tokenizer=AutoTokenizer.from_pretrained(clip_tokenizer(root / "tok_clip", CLIP_LEN)),
-        text_encoder_2=_t5(24),
+        text_encoder_2=t5_model(24),
         tokenizer_2=AutoTokenizer.from_pretrained(t5_tokenizer(root / "tok_t5")),
         transformer=make_flux(joint_attention_dim=24, pooled_projection_dim=12),
     )
@@ -94,11 +94,11 @@ def sd3_pipeline(root: Path) -> StableDiffusion3Pipeline:
     pipe = StableDiffusion3Pipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=_vae(),
-        text_encoder=_clip(CLIPTextModelWithProjection, 12, projection_dim=12, seed=1),
+        text_encoder=clip_model(CLIPTextModelWithProjection, 12, projection_dim=12, seed=1),
         tokenizer=AutoTokenizer.from_pretrained(clip_tokenizer(root / "tok_clip", CLIP_LEN)),
-        text_encoder_2=_clip(CLIPTextModelWithProjection, 16, act="gelu", projection_dim=16, seed=2),
+        text_encoder_2=clip_model(CLIPTextModelWithProjection, 16, act="gelu", projection_dim=16, seed=2),
         tokenizer_2=AutoTokenizer.from_pretrained(root / "tok_clip"),
-        text_encoder_3=_t5(32, seed=3),
+        text_encoder_3=t5_model(32, seed=3),
         tokenizer_3=AutoTokenizer.from_pretrained(t5_tokenizer(root / "tok_t5")),
         transformer=make_sd3(joint_attention_dim=32, pooled_projection_dim=28),
     )

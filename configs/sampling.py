@@ -1,0 +1,35 @@
+"""The sampling settings shared by configs/flux_wlf.py and configs/sd3_wlf.py."""
+
+import ml_collections
+
+
+def sampling_config(model: str, steps: int, max_sequence_length: int, arg: str | None) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = model
+    c.seed = 0
+    c.pipeline = ml_collections.config_dict.placeholder(str)  # diffusers pipeline folder or converted directory
+    c.dtype = "bfloat16"
+    c.vae_stride = 2  # the F16 VAE; 1 for the stock F8 VAE
+    c.mesh = {"data": -1}  # images are sharded over the devices
+    c.num_devices = 0  # 0: every device (of every host); n: the first n
+    c.shard_params = False  # True: FSDP-shard the transformer over the mesh's `fsdp` axis (set mesh fsdp > 1)
+    c.distributed = False  # True on multi-host (TPU pods, GPU clusters): jax.distributed.initialize() first
+    c.sample = ml_collections.ConfigDict(
+        dict(
+            height=4096,
+            width=4096,
+            steps=steps,
+            guidance=7.0,
+            images_per_prompt=1,
+            batch_size=0,
+            max_sequence_length=max_sequence_length,
+            format="jpeg",
+            negative_prompt="",
+        )
+    )  # batch_size 0: one image per device per step
+    if arg == "tiny":
+        c.dtype = "float32"
+        c.sample.update(height=32, width=32, steps=4, max_sequence_length=16)
+    elif arg:
+        raise ValueError(f"unknown config variant {arg!r} (use :tiny or nothing)")
+    return c
