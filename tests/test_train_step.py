@@ -36,7 +36,8 @@ def _reference_loss(velocity, x0, eps, sigma):
 def _torch_loss(model_kind, model, x0, eps, sigma, text, pooled):
     from diffusers import FluxPipeline
 
-    t = lambda a: torch.from_numpy(np.asarray(a, np.float64))  # the reference runs in float64
+    dtype = next(model.parameters()).dtype  # the test runs the reference in float64
+    t = lambda a: torch.from_numpy(np.asarray(a)).to(dtype)
     x0_t, eps_t, s = t(x0.transpose(0, 3, 1, 2)), t(eps.transpose(0, 3, 1, 2)), t(sigma)
     x_t = (1 - s[:, None, None, None]) * x0_t + s[:, None, None, None] * eps_t
     b, c, h, w = x_t.shape
@@ -44,11 +45,11 @@ def _torch_loss(model_kind, model, x0, eps, sigma, text, pooled):
         out = model(
             hidden_states=FluxPipeline._pack_latents(x_t, b, c, h, w),
             timestep=s,
-            guidance=torch.full((b,), 3.5),
+            guidance=torch.full((b,), 3.5, dtype=dtype),
             pooled_projections=t(pooled),
             encoder_hidden_states=t(text),
-            txt_ids=torch.zeros(text.shape[1], 3, dtype=torch.float64),
-            img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float64),
+            txt_ids=torch.zeros(text.shape[1], 3, dtype=dtype),
+            img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", dtype),
             return_dict=False,
         )[0]
         v = FluxPipeline._unpack_latents(out, h * 8, w * 8, 8)

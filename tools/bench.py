@@ -253,6 +253,65 @@ def pipeline_memory(args) -> None:
     )
 
 
+def tiny_train_step(args) -> None:
+    """One training step of a tiny Flux (WLF loss, AdamW), d4k_jax (jitted) vs torch (diffusers + the reference
+    loss, autograd, torch.optim.AdamW), same batch, both warmed up."""
+    import pathlib
+    import tempfile
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, "tests")
+    from helpers import save_component
+    from test_train_step import _torch_loss
+    from torch_flux import make_flux
+
+    from conversion import load_component
+    from d4k_jax import train_step as ts
+
+    model = make_flux(seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        module, params = load_component(save_component(model, pathlib.Path(tmp) / "m"))
+    rng = np.random.default_rng(0)
+    b = args.batch
+    x0, eps = rng.normal(size=(2, b, 32, 32, 4)).astype(np.float32)
+    text, pooled = rng.normal(size=(b, 77, 24)).astype(np.float32), rng.normal(size=(b, 12)).astype(np.float32)
+    sigma = np.linspace(0.1, 0.9, b).astype(np.float32)
+    tx = ts.optimizer(lr=1e-6)
+    state = ts.TrainState(jnp.int32(0), params, tx.init(params))
+    batch = {"x0": jnp.asarray(x0), "text": jnp.asarray(text), "pooled": jnp.asarray(pooled)}
+    step = jax.jit(lambda s, bt, k: ts.train_step(s, bt, k, model=module, tx=tx, cfg=ts.LossConfig()), donate_argnums=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=1e-4)
+
+    def torch_step():
+        opt.zero_grad()
+        loss = _torch_loss("flux", model, x0, eps, sigma, text, pooled)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    def jax_step():
+        nonlocal state
+        state, metrics = step(state, batch, jax.random.key(0))
+        metrics["loss"].block_until_ready()
+
+    for name, run in (("d4k_jax", jax_step), ("torch", torch_step)):
+        for _ in range(3):
+            run()
+        times = []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t)
+        print(
+            f"{name:8s} tiny Flux train step, batch {b}, 256 image + 77 text tokens: median "
+            f"{1e3 * float(np.median(times)):.1f} ms over {args.repeats} (torch threads {torch.get_num_threads()})"
+        )
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -281,6 +340,9 @@ def main(argv=None) -> None:
     p.add_argument("--size", type=int, default=4096)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p = sub.add_parser("tiny_train_step", help="tiny Flux train step, d4k_jax vs torch")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args(argv)
     if getattr(args, "devices", 1) > 1 and "jax" not in sys.modules:
         os.environ["XLA_FLAGS"] = (
@@ -290,6 +352,7 @@ def main(argv=None) -> None:
         vae_memory=vae_memory,
         forward_memory=forward_memory,
         tiny_forward=tiny_forward,
+        tiny_train_step=tiny_train_step,
         tiny_steps=tiny_steps,
         pipeline_memory=pipeline_memory,
     )
