@@ -51,6 +51,18 @@ def vae_memory(args) -> None:
             )
 
 
+def _timings(run, repeats: int, warmup: int = 3) -> float:
+    """Median wall time of run() in seconds, after `warmup` calls (compilation, caches)."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
 def _full_size(model: str, batch: int, size: int, text_len: int, dtype, remat: str):
     """(module, abstract inputs, small inputs) of FLUX.1-dev or SD3-medium at size² pixels (F16 latents)."""
     import jax
@@ -135,16 +147,10 @@ def tiny_forward(args) -> None:
         "diffusers": lambda: ref_forward(model, *a),
     }
     for name, run in runs.items():
-        for _ in range(3):
-            run()
-        times = []
-        for _ in range(args.repeats):
-            t = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - t)
+        times = _timings(run, args.repeats)
         print(
             f"{name:9s} tiny {args.model} forward, batch {b}, inputs {[x.shape for x in a[:1]]}: median "
-            f"{1e3 * float(np.median(times)):.1f} ms over {args.repeats} runs, torch threads {torch.get_num_threads()}"
+            f"{1e3 * times:.1f} ms over {args.repeats} runs, torch threads {torch.get_num_threads()}"
         )
 
 
@@ -181,16 +187,8 @@ def tiny_steps(args) -> None:
     }
     n = args.steps
     for name, run in runs.items():
-        timings = {}
-        for steps in (n, 2 * n):
-            run(steps)  # warm up (compiles once per step count in JAX)
-            times = []
-            for _ in range(args.repeats):
-                t = time.perf_counter()
-                with torch.no_grad():
-                    run(steps)
-                times.append(time.perf_counter() - t)
-            timings[steps] = float(np.median(times))
+        with torch.no_grad():  # JAX compiles once per step count: the warm-up call covers it
+            timings = {k: _timings(lambda k=k, run=run: run(k), args.repeats, warmup=1) for k in (n, 2 * n)}
         per_step = (timings[2 * n] - timings[n]) / n
         print(
             f"{name:9s} tiny {args.model} pipeline, batch 2, 32x32 ({'CFG, ' if args.model == 'sd3' else ''}"
@@ -299,16 +297,10 @@ def tiny_train_step(args) -> None:
         metrics["loss"].block_until_ready()
 
     for name, run in (("d4k_jax", jax_step), ("torch", torch_step)):
-        for _ in range(3):
-            run()
-        times = []
-        for _ in range(args.repeats):
-            t = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - t)
+        times = _timings(run, args.repeats)
         print(
             f"{name:8s} tiny Flux train step, batch {b}, 256 image + 77 text tokens: median "
-            f"{1e3 * float(np.median(times)):.1f} ms over {args.repeats} (torch threads {torch.get_num_threads()})"
+            f"{1e3 * times:.1f} ms over {args.repeats} (torch threads {torch.get_num_threads()})"
         )
 
 
