@@ -1,8 +1,10 @@
 """One training step of Diffusion-4K fine-tuning: noise levels, the velocity prediction, the WLF loss, AdamW.
 
-Batches hold precomputed inputs (the VAE and text encoders are frozen, outside the step): normalised
-latents `x0` [B, h, w, C], text states `text` [B, T, D] and pooled text `pooled` [B, P]. The step draws
-sigma and noise from a key folded with the step number, so the same seed gives the same run.
+A batch holds either images `image` [B, H, W, 3] in [-1, 1], which the frozen VAE encodes inside the
+step (a posterior sample, as the reference trains), or precomputed normalised latents `x0` [B, h, w, C];
+plus text states `text` [B, T, D] and pooled text `pooled` [B, P] from the text-embedding cache. The step
+draws sigma, noise and the posterior sample from a key folded with the step number, so the same seed gives
+the same run, whatever the microbatching or the device count.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from d4k_jax.diffusion import flow, wavelet
+from d4k_jax.models.vae import AutoencoderKL, normalize_latents
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +32,7 @@ class LossConfig:
     wavelet: str = "haar"
     level: int = 1
     subband_weights: tuple[float, ...] | None = None
+    latent_shift: bool = True  # False: the SD3 training script's quirk, z * scale without the shift
 
 
 @flax.struct.dataclass
@@ -88,21 +92,86 @@ def loss_from_noise(model: nn.Module, params, batch: dict, noise: jax.Array, sig
     raise ValueError(f"loss must be 'wlf' or 'flow', got {cfg.loss!r}")
 
 
+def encode_images(
+    vae: AutoencoderKL, vae_params: Any, images: jax.Array, key: jax.Array, *, passes: int = 1, use_shift: bool = True
+) -> jax.Array:
+    """Frozen VAE: images [B, H, W, 3] in [-1, 1] -> normalised posterior-sample latents [B, h, w, C].
+
+    `passes` > 1 encodes the batch in that many sequential passes (pass j takes images j, j + passes, ...,
+    so a data-sharded batch stays balanced over the devices): at 4096² the encoder's activations, not the
+    transformer's, set the peak, and this bounds them by B / passes images.
+    """
+    b = images.shape[0]
+    if b % passes:
+        raise ValueError(f"batch {b} must divide into {passes} encode passes")
+    f = vae.config.downsample_factor
+    shape = (b, images.shape[1] // f, images.shape[2] // f, vae.config.latent_channels)
+    eps = jax.random.normal(key, shape, jnp.float32)  # drawn whole: the sample does not depend on `passes`
+
+    def encode(x, e):
+        mean, logvar = vae.apply({"params": vae_params}, x.astype(vae.dtype), method="encode")
+        z = mean.astype(jnp.float32) + jnp.exp(0.5 * logvar.astype(jnp.float32)) * e
+        return normalize_latents(z, vae.config, use_shift=use_shift)
+
+    x0 = encode(images, eps) if passes == 1 else _strided_map(encode, passes, images, eps)
+    return jax.lax.stop_gradient(x0)
+
+
+def _strided(x: jax.Array, n: int) -> jax.Array:
+    """[B, ...] -> [n, B / n, ...], slice j holding rows j, j + n, ... (balanced over a sharded batch)."""
+    return x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+
+
+def _strided_map(fn, n: int, *xs: jax.Array) -> jax.Array:
+    """fn over the n strided slices of the batch in sequence (lax.map), reassembled in batch order."""
+    out = jax.lax.map(lambda a: fn(*a), tuple(_strided(x, n) for x in xs))
+    return out.swapaxes(0, 1).reshape(-1, *out.shape[2:])
+
+
 def train_step(
     state: TrainState,
     batch: dict,
     key: jax.Array,
+    vae_params: Any = None,
     *,
     model: nn.Module,
     tx: optax.GradientTransformation,
     cfg: LossConfig,
+    vae: AutoencoderKL | None = None,
+    microbatches: int = 1,
+    encode_passes: int = 1,
 ) -> tuple[TrainState, dict]:
-    """One optimizer step. `key` is the run's key; the step's randomness is fold_in(key, step)."""
-    k_sigma, k_noise = jax.random.split(jax.random.fold_in(key, state.step))
-    x0 = batch["x0"]
-    sigma = sample_sigmas(k_sigma, x0.shape[0], cfg)
+    """One optimizer step. `key` is the run's key; the step's randomness is fold_in(key, step).
+
+    `microbatches` > 1 accumulates the gradient over that many strided slices of the batch in sequence
+    (fp32 sums), for global batches whose activations do not fit at once; the result equals one pass.
+    """
+    k_sigma, k_noise, k_vae = jax.random.split(jax.random.fold_in(key, state.step), 3)
+    if "image" in batch:
+        if vae is None:
+            raise ValueError("the batch holds images: pass the frozen `vae` (and vae_params) to encode them")
+        x0 = encode_images(vae, vae_params, batch["image"], k_vae, passes=encode_passes, use_shift=cfg.latent_shift)
+    else:
+        x0 = batch["x0"]
+    b = x0.shape[0]
+    if b % microbatches:
+        raise ValueError(f"batch {b} must divide into {microbatches} microbatches")
+    sigma = sample_sigmas(k_sigma, b, cfg)
     noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
-    loss, grads = jax.value_and_grad(lambda p: loss_from_noise(model, p, batch, noise, sigma, cfg))(state.params)
+    inputs = {"x0": x0, "text": batch["text"], "pooled": batch["pooled"], "noise": noise, "sigma": sigma}
+    grad_fn = jax.value_and_grad(lambda p, d: loss_from_noise(model, p, d, d["noise"], d["sigma"], cfg))
+    if microbatches == 1:
+        loss, grads = grad_fn(state.params, inputs)
+    else:
+
+        def accumulate(carry, micro):
+            loss, grads = grad_fn(state.params, micro)
+            return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), carry, (loss, grads)), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), (jnp.zeros(()), state.params))
+        (loss, grads), _ = jax.lax.scan(accumulate, zeros, jax.tree.map(lambda x: _strided(x, microbatches), inputs))
+        loss = loss / microbatches
+        grads = jax.tree.map(lambda g, p: (g / microbatches).astype(p.dtype), grads, state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "sigma_mean": sigma.mean()}

@@ -160,3 +160,56 @@ def test_sharded_step_equals_single_device(tmp_path):
     assert rel_err(got_metrics["loss"], want_metrics["loss"]) < 1e-5
     for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(want.params), strict=True):
         assert rel_err(a, b) < 1e-5
+
+
+def _tiny_vae():
+    from d4k_jax.models.vae import AutoencoderKL, VAEConfig
+
+    vae = AutoencoderKL(VAEConfig(latent_channels=4, block_out_channels=(8, 8), norm_num_groups=4, stride=2))
+    params = vae.init(jax.random.key(1), jnp.zeros((1, 16, 16, 3)))["params"]
+    return vae, params
+
+
+def test_encode_images_is_a_normalised_posterior_sample_whatever_the_passes():
+    from d4k_jax.models.vae import normalize_latents
+
+    vae, params = _tiny_vae()
+    images = jax.random.uniform(jax.random.key(2), (4, 16, 16, 3), minval=-1, maxval=1)
+    key = jax.random.key(3)
+    one = ts.encode_images(vae, params, images, key)
+    two = ts.encode_images(vae, params, images, key, passes=2)
+    assert one.shape == (4, 4, 4, 4)
+    assert rel_err(two, one) < 1e-6
+    mean, logvar = vae.apply({"params": params}, images, method="encode")
+    eps = jax.random.normal(key, one.shape)
+    want = normalize_latents(mean + jnp.exp(0.5 * logvar) * eps, vae.config)
+    assert rel_err(one, want) < 1e-6
+    quirk = ts.encode_images(vae, params, images, key, use_shift=False)  # SD3 script: z * scale
+    np.testing.assert_allclose(quirk - one, vae.config.shift_factor * vae.config.scaling_factor, atol=1e-5)
+
+
+def test_image_batches_and_microbatches_give_the_one_pass_step(tmp_path):
+    """Images encoded inside the step, gradients accumulated over 2 microbatches: the same update."""
+    module, params = load_component(save_component(make_flux(seed=4), tmp_path / "flux"))
+    vae, vae_params = _tiny_vae()
+    tx = optax.sgd(1.0)  # the new params expose the gradients
+    rng = np.random.default_rng(1)
+    batch = {
+        "image": jnp.asarray(rng.uniform(-1, 1, size=(4, 32, 32, 3)), jnp.float32),
+        "text": jnp.asarray(rng.normal(size=(4, 5, 24)), jnp.float32),
+        "pooled": jnp.asarray(rng.normal(size=(4, 12)), jnp.float32),
+    }
+    state = ts.TrainState(jnp.int32(0), params, tx.init(params))
+
+    def step(micro):
+        fn = lambda s, b, k, v: ts.train_step(s, b, k, v, model=module, tx=tx, cfg=ts.LossConfig(), vae=vae, **micro)
+        return jax.jit(fn)(state, batch, jax.random.key(0), vae_params)
+
+    want, want_metrics = step({})
+    got, got_metrics = step({"microbatches": 2, "encode_passes": 2})
+    assert rel_err(got_metrics["loss"], want_metrics["loss"]) < 1e-6
+    assert rel_err(got_metrics["grad_norm"], want_metrics["grad_norm"]) < 1e-5
+    for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(want.params), strict=True):
+        assert rel_err(a, b) < 1e-5
+    with pytest.raises(ValueError, match="microbatches"):
+        step({"microbatches": 3})
