@@ -5,6 +5,9 @@ Nothing is downloaded: `demo_examples(n, size)` returns the same n images for th
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -60,3 +63,20 @@ def _shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float
         draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=color)
     else:
         draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=color)
+
+
+def write_folder(root: str | Path, n: int, size: int, seed: int = 0, split: str = "train") -> Path:
+    """Writes demo_examples(n, size, seed) as an imagefolder `<root>/<split>/{images/*.png, metadata.jsonl}`.
+
+    Returns `root`, the `--src` of `python -m d4k_jax.data.build`.
+    """
+    root = Path(root)
+    folder = root / split
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, (image, caption) in enumerate(demo_examples(n, size, seed)):
+        name = f"images/{i:05d}.png"
+        Image.fromarray(image).save(folder / name)
+        lines.append(json.dumps({"file_name": name, "text": caption}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root

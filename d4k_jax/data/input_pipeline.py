@@ -1,0 +1,170 @@
+"""grain input pipeline over `aesthetic4k.build` datasets: square crops in [-1, 1] keyed by record index.
+
+Per record (REFERENCE.md §3): decode -> RGB -> bilinear resize of the shorter side to S (torchvision's
+`Resize(S)` sizes, upsampling small images) -> random S x S crop -> horizontal flip p=0.5 -> x / 127.5 - 1.
+Crop and flip come from grain's per-record RNG, so a given (seed, epoch, position) always gets the same crop and
+restoring the iterator state replays the exact stream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grain.python as grain
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import flags, logging
+from PIL import Image
+
+from d4k_jax.data.aesthetic4k import config_name, dataset_dir
+
+
+def data_source(data_dir: str | Path, split: str) -> Any:
+    """The TFDS array_record data source of a built split (record i: image bytes, text, file_name, width, height)."""
+    path = dataset_dir(data_dir, split)
+    if not (path / "dataset_info.json").is_file():
+        raise FileNotFoundError(f"no dataset at {path}: build it with python -m d4k_jax.data.build --split={split}")
+    return tfds.builder_from_directory(str(path)).as_data_source(split=config_name(split))
+
+
+def captions(data_dir: str | Path, split: str) -> list[str]:
+    """Captions in record order (caption i belongs to record / batch key i)."""
+    path = dataset_dir(data_dir, split)
+    meta = path / "metadata.json"  # written by the builder: avoids reading every image's bytes
+    if meta.is_file() and "captions" in (m := json.loads(meta.read_text())):
+        return list(m["captions"])
+    src = data_source(data_dir, split)
+    return [src[i]["text"].decode() for i in range(len(src))]
+
+
+class _KeyedSource(grain.RandomAccessDataSource):
+    """Image bytes plus the record index, which becomes the batch `key`."""
+
+    def __init__(self, data_dir: str | Path, split: str):
+        self._args = (str(data_dir), split)
+        self._src = data_source(data_dir, split)
+
+    def __len__(self) -> int:
+        return len(self._src)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"image": self._src[i]["image"], "key": np.int32(i)}
+
+    def __reduce__(self):  # workers reopen the files instead of pickling open readers
+        return _KeyedSource, self._args
+
+    def __repr__(self) -> str:  # grain checks it against saved states: no path, so a moved data_dir still resumes
+        return f"Aesthetic4k(split={self._args[1]!r}, records={len(self)})"
+
+
+def resize_shorter(image: Image.Image, size: int) -> Image.Image:
+    """Bilinear resize so that the shorter side is `size`; the longer one is truncated as torchvision does."""
+    w, h = image.size
+    if min(w, h) == size:
+        return image
+    nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    return image.resize((nw, nh), Image.BILINEAR)
+
+
+def crop_flip(image: Image.Image, size: int, top: int, left: int, flip: bool) -> np.ndarray:
+    """float32 [size, size, 3] in [-1, 1] of the crop at (top, left), mirrored left-right if `flip`."""
+    x = np.asarray(image.crop((left, top, left + size, top + size)), np.float32)
+    return (x[:, ::-1] if flip else x) / np.float32(127.5) - np.float32(1)
+
+
+@dataclasses.dataclass
+class RandomCropFlip(grain.RandomMapTransform):
+    """Decode, resize, random crop, flip. Undecodable records get image=None (filtered next) and are counted."""
+
+    resolution: int
+    skipped: list[int] = dataclasses.field(default_factory=list)  # keys, in this process only
+
+    def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        key = int(element["key"])
+        try:
+            image = resize_shorter(Image.open(io.BytesIO(element["image"])).convert("RGB"), self.resolution)
+        except Exception as e:  # a corrupt record must not stop training
+            self.skipped.append(key)
+            logging.warning("skipping record %d: cannot decode its image (%s: %s)", key, type(e).__name__, e)
+            return {"image": None, "key": element["key"]}
+        w, h = image.size
+        top, left = (int(v) for v in rng.integers(0, [h - self.resolution + 1, w - self.resolution + 1]))
+        flip = bool(rng.random() < 0.5)
+        return {"image": crop_flip(image, self.resolution, top, left, flip), "key": element["key"]}
+
+
+class _Decoded(grain.FilterTransform):
+    def filter(self, element: dict[str, Any]) -> bool:
+        return element["image"] is not None
+
+
+class Loader(Iterator[dict[str, np.ndarray]]):
+    """Batches from a grain DataLoader, with JSON-able `get_state()` / `set_state()` for the trainer's checkpoint."""
+
+    def __init__(self, loader: grain.DataLoader, transform: RandomCropFlip):
+        self._loader, self._transform = loader, transform
+        self._it = iter(loader)
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._it)
+
+    def get_state(self) -> dict[str, Any]:
+        return json.loads(self._it.get_state())
+
+    def set_state(self, state: dict[str, Any] | str | bytes) -> None:
+        if isinstance(state, dict):
+            state = json.dumps(state)
+        self._it.set_state(state.encode() if isinstance(state, str) else state)
+
+    @property
+    def skipped(self) -> list[int]:
+        """Keys skipped as undecodable so far in this process (with workers, each worker logs its own)."""
+        return list(self._transform.skipped)
+
+
+def make_loader(
+    data_dir: str | Path,
+    split: str,
+    *,
+    resolution: int,
+    global_batch_size: int,
+    seed: int = 0,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    worker_count: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> Loader:
+    """Iterator of {"image": float32 [b, S, S, 3] in [-1, 1], "key": int32 [b]}, b = global_batch_size / processes.
+
+    Each process reads its own disjoint shard of the records (equal-sized, remainder dropped) and drops incomplete
+    batches; `num_epochs=None` repeats forever. With `worker_count` > 0 grain batches within each worker, so the
+    stream depends on `worker_count` and a saved state only restores into a loader with the same one.
+    """
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if global_batch_size % process_count:
+        raise ValueError(f"global_batch_size={global_batch_size} is not divisible by process_count={process_count}")
+    if worker_count and not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags; outside app.run take the defaults
+    source = _KeyedSource(data_dir, split)
+    shard = grain.ShardOptions(shard_index=process_index, shard_count=process_count, drop_remainder=True)
+    sampler = grain.IndexSampler(len(source), shard, shuffle=shuffle, num_epochs=num_epochs, seed=seed)
+    transform = RandomCropFlip(resolution)
+    batch = global_batch_size // process_count
+    loader = grain.DataLoader(
+        data_source=source,
+        sampler=sampler,
+        operations=[transform, _Decoded(), grain.Batch(batch, drop_remainder=True)],
+        worker_count=worker_count,
+        shard_options=shard,
+        # grain's default read-ahead (500 records) would hold gigabytes of 4K image bytes per worker.
+        read_options=grain.ReadOptions(num_threads=8, prefetch_buffer_size=max(2 * batch, 8)),
+    )
+    return Loader(loader, transform)
