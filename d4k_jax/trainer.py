@@ -1,21 +1,29 @@
-"""The training loop: sharded state, jitted step, metrics.jsonl, orbax checkpoints, resume, NaN policy.
+"""The training loop: sharded state, one jitted step, metrics, orbax checkpoints, resume, SIGTERM, NaN policy.
 
-`Trainer(model, params, tx, loss_cfg, mesh, ...)` owns the step; `fit(batches, workdir, num_steps)` runs
-it from the latest checkpoint in `workdir/checkpoints` (or from step 0), logging one JSON line per
-`log_every` steps to `workdir/metrics.jsonl`. Batches are dicts of x0 [B, h, w, C], text [B, T, D] and
-pooled [B, P] (precomputed by the frozen VAE and text encoders); a batch iterator with a
-`set_step(step)` method is told where a resumed run starts, so the data order is reproducible.
+`Trainer(model, params, tx, loss_cfg, mesh, ...)` owns the step; `fit(batches, workdir, num_steps)` runs it
+from the latest checkpoint in `workdir/checkpoints` (or from step 0). Each checkpoint holds the train state
+(params, optimizer state, step) and, when the batch iterator has `get_state` / `set_state` (a JSON-able
+dict: d4k_jax.data.input_pipeline's loader, `ArrayBatches`), the iterator's state per process, so a
+resumed run sees the same data. The run's randomness is fold_in(key(seed), step): the seed in the config
+is the whole RNG state.
+
+Batches are dicts of `image` [B, H, W, 3] (encoded by the frozen `vae` inside the step) or `x0` latents,
+plus `text` [B, T, D] and `pooled` [B, P]; `prepare(batch)` turns what the iterator yields into that
+(e.g. looks text embeddings up in the cache by record key).
 """
 
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,12 +32,16 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from d4k_jax import sharding
+from d4k_jax import flops, sharding
 from d4k_jax import train_step as ts
+from d4k_jax.metric_writers import MetricWriter
 
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+Hook = Callable[[int, ts.TrainState, MetricWriter], dict | None]  # (step, state, writer) -> metrics to log
 
 
 class Trainer:
@@ -45,17 +57,24 @@ class Trainer:
         rules: sharding.Rules = sharding.DEFAULT_RULES,
         seed: int = 0,
         nan_policy: str = "stop",
+        vae: tuple[nn.Module, Any] | None = None,
+        microbatches: int = 1,
+        encode_passes: int = 1,
+        lr_schedule: optax.Schedule | None = None,
+        peak_flops: float | None = None,
     ):
         if nan_policy not in ("stop", "skip"):
             raise ValueError(f"nan_policy must be 'stop' or 'skip', got {nan_policy!r}")
         self.model, self.tx, self.cfg, self.mesh, self.rules = model, tx, loss_cfg, mesh, rules
-        self.key, self.nan_policy = jax.random.key(seed), nan_policy
+        self.key, self.nan_policy, self.lr_schedule = jax.random.key(seed), nan_policy, lr_schedule
+        self.peak_flops = peak_flops or flops.peak_flops(mesh.devices.flat[0])
+        self._model_flops: float | None = None
         abstract = jax.eval_shape(model.init, jax.random.key(0), *init_inputs)
         self.param_sharding = sharding.params_sharding(mesh, rules, abstract)["params"]
         self.data_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+        replicated = NamedSharding(mesh, PartitionSpec())
         # a copy: the step donates the state, and the caller's arrays must stay valid
         params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=self.param_sharding)(params)
-        replicated = NamedSharding(mesh, PartitionSpec())
         # moments sharded like the parameters they follow, everything else (step counts) replicated
         opt_shardings = optax.tree_map_params(
             tx,
@@ -67,11 +86,21 @@ class Trainer:
         opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
         step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
         self.state = ts.TrainState(step, params, opt_state)
-        self._step = jax.jit(self._train_step, donate_argnums=0)
+        self.state_sharding = jax.tree.map(lambda x: x.sharding, self.state)
+        self.vae, self.vae_params = (vae[0], jax.device_put(vae[1], replicated)) if vae else (None, None)
+        self._options = dict(vae=self.vae, microbatches=microbatches, encode_passes=encode_passes)
+        self._step = jax.jit(
+            self._train_step,
+            in_shardings=(self.state_sharding, self.data_sharding, replicated, replicated),
+            out_shardings=(self.state_sharding, replicated),
+            donate_argnums=0,
+        )
 
-    def _train_step(self, state, batch, key):
+    def _train_step(self, state, batch, key, vae_params):
         with nn.logical_axis_rules(self.rules):
-            new, metrics = ts.train_step(state, batch, key, model=self.model, tx=self.tx, cfg=self.cfg)
+            new, metrics = ts.train_step(
+                state, batch, key, vae_params, model=self.model, tx=self.tx, cfg=self.cfg, **self._options
+            )
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
         if self.nan_policy == "skip":  # keep the old parameters and optimizer state, count the step
             new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state.replace(step=state.step + 1))
@@ -86,29 +115,40 @@ class Trainer:
         log_every: int = 1,
         checkpoint_every: int = 1000,
         keep: int = 2,
+        prepare: Callable[[dict], dict] | None = None,
+        hooks: Sequence[Hook] = (),
     ) -> list[dict]:
-        """Train up to `num_steps` (resuming from the latest checkpoint); returns the logged metrics."""
+        """Train up to `num_steps` (resuming from the latest checkpoint); returns the logged metrics.
+
+        A SIGTERM (preemption) finishes the current step, saves a checkpoint and returns early.
+        """
         workdir = Path(workdir).absolute()
         workdir.mkdir(parents=True, exist_ok=True)
+        stateful = hasattr(batches, "get_state") and hasattr(batches, "set_state")
+        handlers = {"state": ocp.StandardCheckpointHandler()}
+        if stateful:
+            handlers["data"] = grain.checkpoint.CheckpointHandler()  # one JSON file per process
         options = ocp.CheckpointManagerOptions(save_interval_steps=checkpoint_every, max_to_keep=keep)
         logged = []
-        with ocp.CheckpointManager(workdir / "checkpoints", options=options) as manager:
+        with (
+            ocp.CheckpointManager(workdir / "checkpoints", options=options, item_handlers=handlers) as manager,
+            MetricWriter(workdir) as writer,
+            _Preemption() as preempted,
+        ):
             if manager.latest_step() is not None:
-                self.restore(manager, manager.latest_step())
+                self.restore(manager, manager.latest_step(), batches if stateful else None)
             start = int(self.state.step)
-            if hasattr(batches, "set_step"):
-                batches.set_step(start)
-            with (workdir / "metrics.jsonl").open("a") as log, jax.set_mesh(self.mesh):
+            with jax.set_mesh(self.mesh):
                 for step in range(start, num_steps):
                     t0 = time.perf_counter()
                     batch = next(batches)
+                    batch = prepare(batch) if prepare else batch
+                    size = len(next(iter(batch.values()))) * jax.process_count()
                     ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-                    if batch["x0"].shape[0] % ways:
-                        raise ValueError(
-                            f"global batch {batch['x0'].shape[0]} must divide over {ways} data x fsdp devices"
-                        )
-                    batch = jax.device_put(batch, self.data_sharding)
-                    self.state, metrics = self._step(self.state, batch, self.key)
+                    if size % ways:
+                        raise ValueError(f"global batch {size} must divide over {ways} data x fsdp devices")
+                    batch = _global_batch(batch, self.data_sharding)
+                    self.state, metrics = self._step(self.state, batch, self.key, self.vae_params)
                     metrics = jax.device_get(metrics)
                     if not metrics["finite"]:
                         message = f"non-finite loss {metrics['loss']} or grad norm at step {step}"
@@ -116,35 +156,113 @@ class Trainer:
                             raise NonFiniteLoss(message + " (nan_policy='stop'; 'skip' drops such steps)")
                         logging.warning("%s: step skipped", message)
                     seconds = time.perf_counter() - t0
-                    if (step + 1) % log_every == 0 or step + 1 == num_steps:
-                        row = {
-                            "step": step + 1,
-                            "loss": float(metrics["loss"]),
-                            "grad_norm": float(metrics["grad_norm"]),
-                            "sigma_mean": float(metrics["sigma_mean"]),
-                            "skipped": not bool(metrics["finite"]),
-                            "step_time": seconds,
-                            "images_per_s": batch["x0"].shape[0] / seconds,
-                        }
-                        log.write(json.dumps(row) + "\n")
-                        log.flush()
+                    row = {}
+                    for hook in hooks:
+                        row.update(hook(step + 1, self.state, writer) or {})
+                    if (step + 1) % log_every == 0 or step + 1 == num_steps or row:
+                        row = {**self._row(step + 1, metrics, seconds, size, batch), **row}
+                        writer.write(row)
                         logged.append(row)
-                    manager.save(step + 1, args=ocp.args.StandardSave(self.state), force=step + 1 == num_steps)
+                    last = step + 1 == num_steps or preempted.is_set()
+                    items = {"state": ocp.args.StandardSave(self.state)}
+                    if stateful:
+                        items["data"] = grain.checkpoint.CheckpointSave(_JsonState(batches))
+                    manager.save(step + 1, args=ocp.args.Composite(**items), force=last)
+                    if preempted.is_set():
+                        logging.warning("SIGTERM: saved the checkpoint of step %d; rerun to resume", step + 1)
+                        break
             manager.wait_until_finished()
         return logged
 
-    def restore(self, manager: ocp.CheckpointManager, step: int) -> None:
-        """Restore onto this trainer's shardings (so a different device count works)."""
-        target = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), self.state
-        )
-        self.state = manager.restore(step, args=ocp.args.StandardRestore(target))
+    def _row(self, step: int, metrics: dict, seconds: float, size: int, batch: dict) -> dict:
+        row = {
+            "step": step,
+            "loss": float(metrics["loss"]),
+            "grad_norm": float(metrics["grad_norm"]),
+            "sigma_mean": float(metrics["sigma_mean"]),
+            "skipped": not bool(metrics["finite"]),
+            "step_time": seconds,
+            "images_per_s": size / seconds,
+        }
+        if self.lr_schedule is not None:
+            row["lr"] = float(self.lr_schedule(step - 1))
+        if self.peak_flops:
+            row["mfu"] = self.model_flops(batch) / (seconds * self.peak_flops * self.mesh.devices.size)
+        return row
+
+    def model_flops(self, batch: dict) -> float:
+        """3 x the transformer forward's FLOPs for this global batch (see d4k_jax/flops.py)."""
+        if self._model_flops is None:
+            x0 = batch["x0"] if "x0" in batch else self._latents_shape(batch["image"])
+            b = x0.shape[0]
+            t = jax.ShapeDtypeStruct((b,), jnp.float32)
+            args = [x0, t, batch["text"], batch["pooled"]] + ([t] if self.cfg.model == "flux" else [])
+            args = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
+            params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.state.params)
+            with nn.logical_axis_rules(self.rules):
+                fwd = flops.forward_flops(lambda p, *a: self.model.apply({"params": p}, *a), params, *args)
+            self._model_flops = 3 * fwd
+        return self._model_flops
+
+    def _latents_shape(self, images) -> jax.ShapeDtypeStruct:
+        f = self.vae.config.downsample_factor
+        b, h, w, _ = images.shape
+        return jax.ShapeDtypeStruct((b, h // f, w // f, self.vae.config.latent_channels), jnp.float32)
+
+    def restore(self, manager: ocp.CheckpointManager, step: int, batches: Any = None) -> None:
+        """Restore onto this trainer's shardings (so a different device count works) and the iterator's state."""
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
+        items = {"state": ocp.args.StandardRestore(target)}
+        if batches is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(_JsonState(batches))
+        self.state = manager.restore(step, args=ocp.args.Composite(**items))["state"]
         logging.info("resumed from step %d", int(self.state.step))
+
+
+def _global_batch(batch: dict, data_sharding: NamedSharding) -> dict:
+    """Each process's rows -> one global array per key, sharded over data x fsdp."""
+    if jax.process_count() == 1:
+        return jax.device_put(batch, data_sharding)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.host_local_array_to_global_array(batch, data_sharding.mesh, data_sharding.spec)
+
+
+class _JsonState:
+    """An iterator whose state is a JSON-able dict, as grain's checkpoint handler takes it (JSON bytes)."""
+
+    def __init__(self, iterator):
+        self.iterator = iterator
+
+    def get_state(self) -> bytes:
+        return json.dumps(self.iterator.get_state()).encode()
+
+    def set_state(self, state: bytes) -> None:
+        self.iterator.set_state(json.loads(state))
+
+    def start_prefetch(self) -> None:
+        getattr(self.iterator, "start_prefetch", lambda: None)()
+
+
+class _Preemption:
+    """Sets an event on SIGTERM for the duration of a `with` block (main thread only), then restores the
+    previous handler: the loop saves a checkpoint and stops instead of dying mid-step."""
+
+    def __enter__(self) -> threading.Event:
+        self.event = threading.Event()
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, lambda *_: self.event.set())
+        return self.event
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
 
 
 class ArrayBatches:
     """Batches of a fixed in-memory dataset, shuffled per epoch from one seed: batch i is a function of
-    (seed, i) alone, so a resumed run sees the same data as an uninterrupted one."""
+    (seed, i) alone. Its state (the batch counter) is checkpointed with the train state."""
 
     def __init__(self, data: dict[str, np.ndarray], batch_size: int, seed: int = 0):
         self.data, self.batch_size, self.seed, self.i = data, batch_size, seed, 0
@@ -152,8 +270,11 @@ class ArrayBatches:
         if self.n < batch_size:
             raise ValueError(f"{self.n} examples cannot fill a batch of {batch_size}")
 
-    def set_step(self, step: int) -> None:
-        self.i = step
+    def get_state(self) -> dict:
+        return {"batch": self.i, "seed": self.seed}
+
+    def set_state(self, state: dict) -> None:
+        self.i = state["batch"]
 
     def __iter__(self):
         return self

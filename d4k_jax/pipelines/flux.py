@@ -28,14 +28,21 @@ class FluxPipeline:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike, dtype: Any = jnp.bfloat16, vae_stride: int | None = None, **opts: Any
+        cls,
+        path: str | os.PathLike,
+        dtype: Any = jnp.bfloat16,
+        vae_stride: int | None = None,
+        transformer: tuple | None = None,
+        vae: tuple | None = None,
+        **opts: Any,
     ) -> FluxPipeline:
         """A diffusers FLUX.1 pipeline folder or its converted directory; vae_stride=2 selects the F16 VAE.
-        `opts` override the transformer's config (e.g. remat)."""
+        `opts` override the transformer's config (e.g. remat); `transformer` / `vae`, (module, params) pairs,
+        are used instead of loading those components (the trainer passes its own)."""
         path = base.pipeline_dir(path)
         return cls(
-            transformer=base.load(path, "transformer", dtype, **opts),
-            vae=base.load(path, "vae", dtype, **({} if vae_stride is None else {"stride": vae_stride})),
+            transformer=transformer or base.load(path, "transformer", dtype, **opts),
+            vae=vae or base.load(path, "vae", dtype, **({} if vae_stride is None else {"stride": vae_stride})),
             text_encoder=base.load(path, "text_encoder", dtype),
             text_encoder_2=base.load(path, "text_encoder_2", dtype),
             tokenizer=Tokenizer(path / "tokenizer"),

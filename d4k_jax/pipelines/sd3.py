@@ -41,14 +41,21 @@ class SD3Pipeline:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike, dtype: Any = jnp.bfloat16, vae_stride: int | None = None, **opts: Any
+        cls,
+        path: str | os.PathLike,
+        dtype: Any = jnp.bfloat16,
+        vae_stride: int | None = None,
+        transformer: tuple | None = None,
+        vae: tuple | None = None,
+        **opts: Any,
     ) -> SD3Pipeline:
-        """A diffusers SD3 pipeline folder or its converted directory; vae_stride=2 selects the F16 VAE."""
+        """A diffusers SD3 pipeline folder or its converted directory; vae_stride=2 selects the F16 VAE.
+        `transformer` / `vae`, (module, params) pairs, are used instead of loading those components."""
         path = base.pipeline_dir(path)
         has_t5 = (path / "text_encoder_3").is_dir()
         return cls(
-            transformer=base.load(path, "transformer", dtype, **opts),
-            vae=base.load(path, "vae", dtype, **({} if vae_stride is None else {"stride": vae_stride})),
+            transformer=transformer or base.load(path, "transformer", dtype, **opts),
+            vae=vae or base.load(path, "vae", dtype, **({} if vae_stride is None else {"stride": vae_stride})),
             text_encoder=base.load(path, "text_encoder", dtype),
             text_encoder_2=base.load(path, "text_encoder_2", dtype),
             text_encoder_3=base.load(path, "text_encoder_3", dtype) if has_t5 else None,

@@ -1,0 +1,107 @@
+"""The WLF fine-tuning recipe shared by configs/flux_wlf.py and configs/sd3_wlf.py (REFERENCE.md §3).
+
+The full configs are the reference run (8 x 80 GB GPUs, 4096², lr 1e-6 constant, 20k steps); `:tiny`
+trains the embedded demo pipeline from its random initialisation on the procedural demo set on a CPU.
+"""
+
+from pathlib import Path
+
+import ml_collections
+
+PER_DEVICE_BATCH = {"sd3": 8, "flux": 4}  # the reference's, on 8 GPUs
+_DATA = Path(__file__).resolve().parent.parent / "d4k_jax" / "data"
+DEMO_PIPELINES = {"flux": str(_DATA / "demo_pipeline"), "sd3": str(_DATA / "demo_pipeline_sd3")}
+DEMO_PROMPTS = (
+    "a red circle on a blue background",
+    "a yellow square on a purple background",
+    "a green triangle on a white background",
+    "a white diamond on a black background",
+    "a blue circle on a orange background",
+    "a orange square on a green background",
+    "a purple triangle on a yellow background",
+    "a black diamond on a red background",
+)
+
+
+def add_training(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+    model = c.model
+    c.param_dtype = "float32"  # fp32 master weights; `dtype` (bfloat16) is the compute dtype
+    c.data = ml_collections.ConfigDict(
+        dict(
+            folder="",  # Aesthetic-4K-style root (split/metadata.jsonl), built into data_dir on first use
+            data_dir="",  # built TFDS datasets; default WORKDIR/data
+            split="train",
+            resolution=4096,
+            worker_count=8,  # grain worker processes decoding 4K images
+            demo_images=0,  # > 0: write this many procedural demo images as the folder (the :tiny run)
+        )
+    )
+    c.train = ml_collections.ConfigDict(
+        dict(
+            steps=20_000,
+            batch_size=PER_DEVICE_BATCH[model],  # per device; global = this x data x fsdp devices
+            mesh={"data": 1, "fsdp": -1},  # FSDP over every device
+            microbatches=1,  # > 1: gradient accumulation over that many slices of the batch
+            encode_passes=PER_DEVICE_BATCH[model],  # VAE-encode one image per device at a time
+            remat="full",  # nn.stack.REMAT_POLICIES: full, dots, dots_no_batch, none
+            lr=1e-6,
+            schedule="constant",  # or "cosine" (to 0 at `steps`)
+            warmup_steps=0,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            weight_decay=1e-4,
+            clip_norm=1.0,
+            text_length=77,  # T5 tokens in training (the reference scripts)
+            nan_policy="stop",  # or "skip"
+            log_every=10,
+            checkpoint_every=5_000,
+            keep=2,
+            peak_flops=0.0,  # per device, for MFU on devices d4k_jax does not know; 0: look it up
+            export=True,  # write WORKDIR/pipeline (the trained transformer + the other components) at the end
+        )
+    )
+    c.loss = ml_collections.ConfigDict(
+        dict(
+            loss="wlf",  # or "flow": the fine-tune-without-WLF ablation
+            timesteps="reference",  # or "shifted_uniform"
+            shift=3.0,
+            guidance=3.5,  # Flux's guidance input in training
+            wavelet="haar",
+            level=1,
+            subband_weights=ml_collections.config_dict.placeholder(tuple),  # e.g. (0.5, 1.0, 1.0, 1.5)
+            latent_shift=True,  # False: the SD3 script's quirk, latents * scale without the shift
+        )
+    )
+    c.eval = ml_collections.ConfigDict(
+        dict(
+            every=1_000,  # 0: no sampling during training (a final sample grid is always written)
+            prompts=DEMO_PROMPTS[:4],
+            height=1024,
+            width=1024,
+            steps=c.sample.steps,
+            guidance=c.sample.guidance,
+            max_sequence_length=c.sample.max_sequence_length,
+        )
+    )
+    if arg == "tiny":
+        c.pipeline = DEMO_PIPELINES[model]
+        c.data.update(resolution=64, worker_count=0, demo_images=512)
+        c.train.update(
+            steps=600,
+            batch_size=16,
+            mesh={"data": -1, "fsdp": 1},
+            encode_passes=1,
+            remat="none",
+            lr=1e-3,
+            schedule="cosine",
+            warmup_steps=30,
+            weight_decay=0.0,
+            text_length=16,
+            log_every=10,
+            checkpoint_every=200,
+        )
+        c.eval.update(every=200, prompts=DEMO_PROMPTS, height=64, width=64, steps=20, guidance=3.5)
+        c.eval.max_sequence_length = 16
+        c.sample.update(height=64, width=64, steps=20, guidance=3.5)
+    return c

@@ -1,0 +1,299 @@
+"""Fine-tune SD3 / FLUX.1 at 4096² with the WLF loss (Diffusion-4K), sharded and resumable:
+
+  python -m d4k_jax.train --config=configs/flux_wlf.py --config.pipeline=/models/FLUX.1-dev \\
+      --config.data.folder=/data/Aesthetic-4K --workdir=/ckpt/flux4k
+  python -m d4k_jax.train --config=configs/flux_wlf.py:tiny --workdir=workdir/demo     # the CPU demo
+
+The run: build the dataset (array_record) if it is not there; encode every caption once into the text
+cache; train the transformer (VAE and text encoders frozen) with the loop of d4k_jax.trainer; sample the
+eval prompts every `eval.every` steps (grids in WORKDIR/samples, TensorBoard); at the end write
+WORKDIR/loss_curve.png, WORKDIR/sample_grid.png and WORKDIR/pipeline (the trained transformer with
+the other components, loadable by the pipelines and `python -m d4k_jax.sample`). Rerunning the same
+command resumes from the latest checkpoint; SIGTERM saves one before exiting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import app, flags, logging
+from flax import traverse_util
+from ml_collections import config_flags
+
+from d4k_jax import checkpoint, plots, sharding
+from d4k_jax import train_step as ts
+from d4k_jax.data import aesthetic4k, demo, input_pipeline, text_cache
+from d4k_jax.pipelines import base
+from d4k_jax.trainer import Trainer
+
+
+def run(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[dict]:
+    """Train as the config says; returns the metrics logged by this invocation."""
+    workdir = Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    if c.model not in ("flux", "sd3"):
+        raise ValueError(f"config.model must be 'flux' or 'sd3', got {c.model!r}")
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(c.to_json_best_effort(indent=2) + "\n")
+    path = base.pipeline_dir(c.pipeline or _missing("--config.pipeline (a diffusers or converted pipeline folder)"))
+    mesh = sharding.make_mesh(dict(c.train.mesh))
+    rules = tuple(c.train.rules) if c.train.get("rules") else sharding.DEFAULT_RULES
+    global_batch = c.train.batch_size * mesh.shape["data"] * mesh.shape["fsdp"]
+
+    data_dir = prepare_data(c, workdir)
+    captions = input_pipeline.captions(data_dir, c.data.split)
+    logging.info("%d training images in %s; global batch %d on mesh %s", len(captions), data_dir, global_batch, mesh)
+
+    from conversion import load_component  # torch-free
+
+    dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+    module, params = load_component(path / "transformer", dtype=dtype, param_dtype=param_dtype, remat=c.train.remat)
+    vae = base.load(path, "vae", dtype, **({"stride": c.vae_stride} if c.vae_stride else {}))
+    pipe = _pipeline_class(c.model).from_pretrained(path, dtype=dtype, transformer=(module, None), vae=vae)
+    cache = text_cache.build(
+        workdir / "text_cache",
+        captions,
+        lambda prompts: pipe.encode_prompt(prompts, c.train.text_length),
+        dtype=dtype,
+        pipeline=str(path),
+        text_length=c.train.text_length,
+    )
+    sampler = SampleEval(c, pipe, module, rules, mesh, workdir)  # encodes the eval prompts now
+    pipe.release_text_encoders()
+
+    schedule = lr_schedule(c.train)
+    tx = ts.optimizer(
+        schedule, c.train.b1, c.train.b2, c.train.eps, c.train.weight_decay, c.train.clip_norm, _trainable(params)
+    )
+    from conversion.components import kind_of_module
+
+    trainer = Trainer(
+        module,
+        params,
+        tx,
+        loss_config(c),
+        mesh,
+        init_inputs=kind_of_module(module).init_inputs(module.config),
+        rules=rules,
+        seed=c.seed,
+        nan_policy=c.train.nan_policy,
+        vae=vae,
+        microbatches=c.train.microbatches,
+        encode_passes=c.train.encode_passes,
+        lr_schedule=schedule,
+        peak_flops=c.train.peak_flops or None,
+    )
+    del params
+    loader = input_pipeline.make_loader(
+        data_dir,
+        c.data.split,
+        resolution=c.data.resolution,
+        global_batch_size=global_batch,
+        seed=c.seed,
+        worker_count=c.data.worker_count,
+    )
+    rows = trainer.fit(
+        loader,
+        workdir,
+        c.train.steps,
+        log_every=c.train.log_every,
+        checkpoint_every=c.train.checkpoint_every,
+        keep=c.train.keep,
+        prepare=cache.prepare,
+        hooks=[sampler.hook(c.train.steps)],
+    )
+    if int(trainer.state.step) == c.train.steps:
+        finish(c, workdir, path, module, trainer.state.params)
+    return rows
+
+
+def prepare_data(c: ml_collections.ConfigDict, workdir: Path) -> Path:
+    """The built dataset's data_dir, building it from `data.folder` (or the demo set) the first time."""
+    data_dir = Path(c.data.data_dir or workdir / "data")
+    if (aesthetic4k.dataset_dir(data_dir, c.data.split) / "dataset_info.json").is_file():
+        return data_dir
+    folder = c.data.folder
+    if c.data.demo_images:
+        folder = workdir / "demo_images"
+        if jax.process_index() == 0 and not folder.exists():
+            demo.write_folder(folder, c.data.demo_images, c.data.resolution, seed=c.seed, split=c.data.split)
+    if not folder:
+        _missing("--config.data.folder (an Aesthetic-4K-style root) or --config.data.data_dir (a built dataset)")
+    if jax.process_index() == 0:
+        stats = aesthetic4k.build(folder, c.data.split, data_dir)
+        logging.info("dataset: %s", stats)
+    _sync("dataset")
+    return data_dir
+
+
+def lr_schedule(t: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warmup then constant (the reference: lr 1e-6, no warmup) or cosine to zero at `steps`."""
+    if t.schedule == "constant":
+        decay = optax.constant_schedule(t.lr)
+    elif t.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(t.lr, max(t.steps - t.warmup_steps, 1))
+    else:
+        raise ValueError(f"train.schedule must be 'constant' or 'cosine', got {t.schedule!r}")
+    if not t.warmup_steps:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, t.lr, t.warmup_steps), decay], [t.warmup_steps])
+
+
+def loss_config(c: ml_collections.ConfigDict) -> ts.LossConfig:
+    weights = c.loss.subband_weights
+    return ts.LossConfig(
+        model=c.model,
+        loss=c.loss.loss,
+        timesteps=c.loss.timesteps,
+        shift=c.loss.shift,
+        guidance=c.loss.guidance,
+        wavelet=c.loss.wavelet,
+        level=c.loss.level,
+        subband_weights=None if weights is None else tuple(weights),
+        latent_shift=c.loss.latent_shift,
+    )
+
+
+class SampleEval:
+    """Samples the eval prompts with the current parameters: a grid PNG per evaluation in WORKDIR/samples
+    and the images in TensorBoard. The prompts are encoded once, before the text encoders are released;
+    the batch is padded to a multiple of the data-parallel devices, and the noise is fixed by the seed."""
+
+    def __init__(self, c: ml_collections.ConfigDict, pipe, module: nn.Module, rules, mesh, workdir: Path):
+        e = c.eval
+        self.c, self.pipe, self.module, self.rules, self.workdir = c, pipe, module, rules, workdir
+        ways = mesh.shape["data"] * mesh.shape["fsdp"]
+        self.prompts = list(e.prompts)
+        padded = self.prompts + self.prompts[-1:] * (-len(self.prompts) % ways)
+        self.kwargs = dict(
+            height=e.height,
+            width=e.width,
+            num_inference_steps=e.steps,
+            guidance_scale=e.guidance,
+            seed=c.seed,
+            prompt_embeds=pipe.encode_prompt(padded, e.max_sequence_length),
+        )
+        if c.model == "sd3" and e.guidance > 1:
+            negative = [c.sample.negative_prompt] * len(padded)
+            self.kwargs["negative_prompt_embeds"] = pipe.encode_prompt(negative, e.max_sequence_length)
+        self.padded = padded
+
+    def __call__(self, step: int, params: Any) -> np.ndarray:
+        self.pipe.transformer = (self.module, params)
+        with nn.logical_axis_rules(self.rules):
+            images = self.pipe(self.padded, **self.kwargs)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            images = multihost_utils.process_allgather(images, tiled=True)
+        return np.asarray(jax.device_get(images))[: len(self.prompts)]
+
+    def hook(self, num_steps: int):
+        def run(step: int, state: ts.TrainState, writer) -> dict | None:
+            if step != num_steps and not (self.c.eval.every and step % self.c.eval.every == 0):
+                return None
+            t0 = time.perf_counter()
+            images = self(step, state.params)
+            writer.images(step, "samples", images)
+            if jax.process_index() == 0:
+                (self.workdir / "samples").mkdir(exist_ok=True)
+                plots.image_grid(images, self.workdir / "samples" / f"step_{step:06d}.png", 4, self.prompts)
+            return {"eval_seconds": time.perf_counter() - t0}
+
+        return run
+
+
+def finish(c: ml_collections.ConfigDict, workdir: Path, source: Path, module: nn.Module, params: Any) -> None:
+    """The loss-curve and sample-grid PNGs, and WORKDIR/pipeline with the trained transformer."""
+    if c.train.export:
+        export_pipeline(source, workdir / "pipeline", module, params)
+    if jax.process_index() != 0:
+        return
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r and not r.get("skipped")]
+    if rows:
+        smooth = max(1, min(20, len(rows) // 5))
+        plots.loss_curve([r["step"] for r in rows], [r["loss"] for r in rows], workdir / "loss_curve.png", smooth)
+    grids = sorted((workdir / "samples").glob("step_*.png"))
+    if grids:
+        shutil.copy(grids[-1], workdir / "sample_grid.png")
+
+
+def export_pipeline(source: Path, dst: Path, module: nn.Module, params: Any) -> Path:
+    """A converted pipeline folder: the trained transformer (config.json + orbax params/) and links to
+    the source's other components, which training did not change."""
+    if dst.exists():
+        return dst
+    tmp = dst.with_name(dst.name + ".partial")
+    if jax.process_index() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        shutil.copy(source / "model_index.json", tmp / "model_index.json")
+        for item in source.iterdir():
+            if item.is_dir() and item.name != "transformer":
+                (tmp / item.name).symlink_to(item.resolve(), target_is_directory=True)
+        (tmp / "transformer").mkdir()
+        cfg = json.loads((source / "transformer" / "config.json").read_text())
+        (tmp / "transformer" / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    _sync("export")
+    checkpoint.save_params(tmp / "transformer" / "params", params)  # every process writes its shards
+    _sync("export_done")
+    if jax.process_index() == 0:
+        tmp.rename(dst)
+        logging.info("exported the trained pipeline to %s", dst)
+    return dst
+
+
+def _trainable(params: Any) -> Any:
+    """Everything but SD3's fixed sincos position table (a buffer in diffusers)."""
+    return traverse_util.path_aware_map(lambda path, _: path[-2:] != ("pos_embed", "pos_embed"), params)
+
+
+def _pipeline_class(model: str):
+    if model == "flux":
+        from d4k_jax.pipelines.flux import FluxPipeline
+
+        return FluxPipeline
+    from d4k_jax.pipelines.sd3 import SD3Pipeline
+
+    return SD3Pipeline
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _missing(what: str):
+    raise ValueError(f"set {what}")
+
+
+def main(argv) -> None:
+    del argv
+    c = _CONFIG.value
+    if c.get("distributed", False):
+        jax.distributed.initialize()  # multi-host: coordinator and process ids from the environment
+    rows = run(c, _WORKDIR.value)
+    if rows:
+        logging.info("last logged step %d: loss %.4f", rows[-1]["step"], rows[-1]["loss"])
+
+
+if __name__ == "__main__":
+    # flags are defined only when run as a program, so that tests can import several CLIs
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/flux_wlf.py[:tiny] or configs/sd3_wlf.py")
+    _WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, metrics, samples; rerun to resume", required=True)
+    flags.mark_flag_as_required("config")
+    app.run(main)

@@ -1,0 +1,107 @@
+"""`python -m d4k_jax.train` end to end on a tiny random pipeline and the procedural demo set: dataset
+build, text cache, sharded training with image batches, eval grids, export; resume and SIGTERM."""
+
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+from tiny_pipelines import flux_pipeline
+
+from configs import flux_wlf, sd3_wlf
+from d4k_jax import train
+from d4k_jax.pipelines.flux import FluxPipeline
+
+
+@pytest.fixture(scope="module")
+def pipe_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipes")
+    flux_pipeline(root)
+    return root / "flux"
+
+
+def _config(pipe_dir, steps=6):
+    c = flux_wlf.get_config("tiny")
+    c.pipeline, c.vae_stride = str(pipe_dir), 1  # the test pipeline's VAE is a stock F8 one
+    c.data.update(resolution=32, demo_images=24)
+    c.train.update(steps=steps, batch_size=1, log_every=1, checkpoint_every=3, text_length=12)
+    c.eval.update(every=3, height=32, width=32, steps=2, max_sequence_length=12, prompts=c.eval.prompts[:3])
+    return c
+
+
+def _losses(workdir):
+    rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def test_train_writes_metrics_samples_and_a_loadable_pipeline(pipe_dir, tmp_path):
+    rows = train.run(_config(pipe_dir), tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert {"loss", "lr", "grad_norm", "step_time", "images_per_s"} <= set(rows[0])
+    assert "eval_seconds" in rows[2] and "eval_seconds" not in rows[1]
+    assert rows[0]["images_per_s"] > 0 and len(jax.devices()) == 8  # global batch 8: one image per device
+    for name in ("loss_curve.png", "sample_grid.png", "samples/step_000003.png", "config.json"):
+        assert (tmp_path / name).is_file(), name
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    cache = np.load(tmp_path / "text_cache" / "text.npy", mmap_mode="r")
+    assert cache.shape == (24, 12, 24)  # every caption, T5 length 12, T5 width 24
+
+    pipe = FluxPipeline.from_pretrained(tmp_path / "pipeline", dtype=np.float32)
+    trained = jax.tree.leaves(pipe.transformer[1])
+    start = jax.tree.leaves(FluxPipeline.from_pretrained(pipe_dir, dtype=np.float32).transformer[1])
+    assert any(not np.array_equal(a, b) for a, b in zip(trained, start, strict=True))
+    images = pipe(["a red circle"], height=32, width=32, num_inference_steps=2)
+    assert images.shape == (1, 32, 32, 3)
+
+
+def test_rerunning_resumes_with_the_uninterrupted_losses(pipe_dir, tmp_path):
+    straight = _losses(train.run(_config(pipe_dir), tmp_path / "a") and tmp_path / "a")
+    train.run(_config(pipe_dir, steps=3), tmp_path / "b")  # stops after step 3 (a checkpoint)
+    resumed = train.run(_config(pipe_dir), tmp_path / "b")
+    assert [r["step"] for r in resumed] == [4, 5, 6]
+    # the data iterator's state is restored with the train state: same images, crops and flips
+    np.testing.assert_allclose([r["loss"] for r in resumed], [straight[s] for s in (4, 5, 6)], rtol=1e-5)
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(pipe_dir, tmp_path, monkeypatch):
+    c = _config(pipe_dir)
+    c.train.checkpoint_every = 100
+    sampler_hook = train.SampleEval.hook
+
+    def hook(self, num_steps):  # the preemption notice arrives during step 2
+        inner = sampler_hook(self, num_steps)
+        return lambda step, state, writer: (
+            os.kill(os.getpid(), signal.SIGTERM) if step == 2 else inner(step, state, writer)
+        )
+
+    monkeypatch.setattr(train.SampleEval, "hook", hook)
+    rows = train.run(c, tmp_path)
+    assert [r["step"] for r in rows] == [1, 2] and max(int(s) for s in os.listdir(tmp_path / "checkpoints")) == 2
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+    monkeypatch.undo()
+    assert [r["step"] for r in train.run(c, tmp_path)] == [3, 4, 5, 6]
+
+
+def test_configs_carry_the_reference_recipe():
+    for module, model, batch in ((flux_wlf, "flux", 4), (sd3_wlf, "sd3", 8)):
+        c = module.get_config()
+        assert (c.model, c.train.batch_size, c.train.lr, c.train.schedule) == (model, batch, 1e-6, "constant")
+        assert (c.train.steps, c.train.checkpoint_every, c.train.weight_decay, c.train.clip_norm) == (
+            20_000,
+            5_000,
+            1e-4,
+            1.0,
+        )
+        assert (c.data.resolution, c.vae_stride, c.dtype, c.param_dtype, c.loss.loss) == (
+            4096,
+            2,
+            "bfloat16",
+            "float32",
+            "wlf",
+        )
+        loss = train.loss_config(c)
+        assert (loss.model, loss.timesteps, loss.level, loss.subband_weights) == (model, "reference", 1, None)
+    schedule = train.lr_schedule(flux_wlf.get_config("tiny").train)
+    assert float(schedule(0)) == 0.0 and float(schedule(30)) == pytest.approx(1e-3) and float(schedule(600)) < 1e-9
