@@ -13,8 +13,12 @@ $(STAMP): requirements.txt requirements-test.txt constraints.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
+# Trains the embedded tiny Flux on the procedural demo set (a few minutes on a CPU), then samples the
+# exported pipeline: workdir/demo/{loss_curve.png,sample_grid.png,samples/}. Rerunning resumes / skips.
 demo: $(STAMP)
-	$(PY) -m d4k_jax.reconstruct --config=configs/vae_recon.py:tiny --workdir=workdir/demo
+	$(PY) -m d4k_jax.train --config=configs/flux_wlf.py:tiny --workdir=workdir/demo
+	$(PY) -m d4k_jax.sample --config=configs/flux_wlf.py:tiny --config.pipeline=workdir/demo/pipeline \
+		--prompts=workdir/demo/eval_prompts.txt --outdir=workdir/demo/final --config.sample.format=png
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

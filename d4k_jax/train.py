@@ -46,6 +46,7 @@ def run(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[dict]:
         raise ValueError(f"config.model must be 'flux' or 'sd3', got {c.model!r}")
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(c.to_json_best_effort(indent=2) + "\n")
+        (workdir / "eval_prompts.txt").write_text("".join(p + "\n" for p in c.eval.prompts))  # for d4k_jax.sample
     path = base.pipeline_dir(c.pipeline or _missing("--config.pipeline (a diffusers or converted pipeline folder)"))
     mesh = sharding.make_mesh(dict(c.train.mesh))
     rules = tuple(c.train.rules) if c.train.get("rules") else sharding.DEFAULT_RULES
