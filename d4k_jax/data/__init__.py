@@ -1,1 +1,2 @@
-"""Datasets: the embedded demo set (and, later, the Aesthetic-4K builder and grain pipeline)."""
+"""Data: the Aesthetic-4K TFDS builder, the grain input pipeline, the text-embedding cache, and the
+embedded demo set and pipeline."""
