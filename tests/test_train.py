@@ -36,8 +36,15 @@ def _losses(workdir):
     return {r["step"]: r["loss"] for r in rows}
 
 
-def test_train_writes_metrics_samples_and_a_loadable_pipeline(pipe_dir, tmp_path):
-    rows = train.run(_config(pipe_dir), tmp_path)
+@pytest.fixture(scope="module")
+def straight(pipe_dir, tmp_path_factory):
+    """An uninterrupted 6-step run: (its workdir, its logged rows)."""
+    workdir = tmp_path_factory.mktemp("straight")
+    return workdir, train.run(_config(pipe_dir), workdir)
+
+
+def test_train_writes_metrics_samples_and_a_loadable_pipeline(pipe_dir, straight):
+    tmp_path, rows = straight
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert {"loss", "lr", "grad_norm", "step_time", "images_per_s"} <= set(rows[0])
     assert "eval_seconds" in rows[2] and "eval_seconds" not in rows[1]
@@ -56,8 +63,8 @@ def test_train_writes_metrics_samples_and_a_loadable_pipeline(pipe_dir, tmp_path
     assert images.shape == (1, 32, 32, 3)
 
 
-def test_rerunning_resumes_with_the_uninterrupted_losses(pipe_dir, tmp_path):
-    straight = _losses(train.run(_config(pipe_dir), tmp_path / "a") and tmp_path / "a")
+def test_rerunning_resumes_with_the_uninterrupted_losses(pipe_dir, straight, tmp_path):
+    straight = _losses(straight[0])
     train.run(_config(pipe_dir, steps=3), tmp_path / "b")  # stops after step 3 (a checkpoint)
     resumed = train.run(_config(pipe_dir), tmp_path / "b")
     assert [r["step"] for r in resumed] == [4, 5, 6]
