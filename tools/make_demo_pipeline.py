@@ -1,0 +1,370 @@
+"""Build the embedded demo pipeline: `python -m tools.make_demo_pipeline --out=d4k_jax/data/demo_pipeline`.
+
+A FLUX.1-style diffusers pipeline folder small enough to train on a 2-core CPU in minutes, laid out exactly
+like FLUX.1-dev's so the training CLI loads it like the real one. Only the F16 VAE is trained here (on the
+embedded demo images, 64x64 -> 8x8x8 latents); the text encoders and the transformer are seeded random
+initialisations (the encoders stay frozen: a random projection of the tokens still tells captions apart).
+Same flags, same folder: every random draw comes from --seed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+from transformers import AutoTokenizer, CLIPTextConfig, T5Config
+
+from conversion import export_component, load_component
+from conversion.components import kind_for
+from d4k_jax.data.demo import COLORS, SHAPES, demo_examples
+from d4k_jax.models.vae import AutoencoderKL, VAEConfig, sample_posterior
+from tools.tiny_tokenizers import clip_tokenizer, t5_tokenizer
+
+OUT = flags.DEFINE_string("out", "d4k_jax/data/demo_pipeline", "pipeline folder to (re)write")
+SEED = flags.DEFINE_integer("seed", 0, "one seed for the VAE's data, init and noise and the random components")
+STEPS = flags.DEFINE_integer("vae_steps", 1200, "VAE training steps")
+BATCH = flags.DEFINE_integer("vae_batch", 16, "VAE batch size")
+LR = flags.DEFINE_float("vae_lr", 2e-3, "peak Adam learning rate (warmup, then cosine decay)")
+KL = flags.DEFINE_float("kl_weight", 1e-4, "KL weight against the per-pixel L1 loss")
+TRAIN_IMAGES = flags.DEFINE_integer("train_images", 8192, "demo images the VAE trains on (demo seed = --seed)")
+PREVIEW = flags.DEFINE_string("preview", "", "if set, a PNG of 8 held-out originals above their reconstructions")
+
+SIZE = 64  # demo image size; the pipeline samples at this size
+HELD_OUT = 64  # held-out images, demo seed --seed + 1 (the tests use yet another seed)
+CLIP_LEN = 16  # the longest demo caption is 12 words = 14 CLIP tokens with start and end
+WORDS = ("a", "on", "background", "with", "small", *COLORS, *SHAPES)  # every word demo.py writes
+DIFFUSERS_VERSION = "0.42.1"
+VAE = VAEConfig(
+    latent_channels=8,
+    block_out_channels=(32, 64, 64),
+    layers_per_block=1,
+    norm_num_groups=8,
+    mid_block_add_attention=True,
+    stride=2,  # F16: 64x64 -> 8x8 (4 from the blocks, 2 from the strided conv_in)
+)
+TRANSFORMER = {
+    "_class_name": "FluxTransformer2DModel",
+    "_diffusers_version": DIFFUSERS_VERSION,
+    "attention_head_dim": 24,
+    "axes_dims_rope": [4, 10, 10],
+    "guidance_embeds": True,
+    "in_channels": 4 * VAE.latent_channels,
+    "joint_attention_dim": 32,  # T5 d_model
+    "num_attention_heads": 4,
+    "num_layers": 2,
+    "num_single_layers": 2,
+    "out_channels": None,
+    "patch_size": 1,
+    "pooled_projection_dim": 32,  # CLIP hidden size
+}
+SCHEDULER = {  # FLUX.1-dev's
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "_diffusers_version": DIFFUSERS_VERSION,
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "max_image_seq_len": 4096,
+    "max_shift": 1.15,
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+}
+COMPONENTS = {
+    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "text_encoder_2": ["transformers", "T5EncoderModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "tokenizer_2": ["transformers", "T5TokenizerFast"],
+    "transformer": ["diffusers", "FluxTransformer2DModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+# Trained weights keep fp32; the random ones are a bf16 draw (the trainer reads them into fp32), which keeps
+# the folder near 6 MB.
+RANDOM_DTYPE = "bfloat16"
+
+
+def images_of(examples: list[tuple[np.ndarray, str]]) -> np.ndarray:
+    """uint8 [N, S, S, 3] -> float32 in [-1, 1]."""
+    return np.stack([img for img, _ in examples]).astype(np.float32) / 127.5 - 1
+
+
+def train_vae(images: np.ndarray, key: jax.Array, log: Callable[[str], None]) -> dict:
+    """L1 of the decoded posterior sample + --kl_weight x KL(q || N(0, 1)) per element; Adam, warmup + cosine."""
+    vae = AutoencoderKL(VAE)
+    init_key, key = jax.random.split(key)
+    params = nn.unbox(jax.jit(vae.init)(init_key, jnp.zeros((1, SIZE, SIZE, 3)))["params"])
+    steps = STEPS.value
+    schedule = optax.warmup_cosine_decay_schedule(0.0, LR.value, min(100, steps // 10), steps, LR.value / 20)
+    opt = optax.adam(schedule)
+    state = opt.init(params)
+    kl_weight = KL.value
+
+    def loss_fn(p, x, k):
+        mean, logvar = vae.apply({"params": p}, x, method="encode")
+        y = vae.apply({"params": p}, sample_posterior(k, mean, logvar), method="decode")
+        kl = 0.5 * jnp.mean(mean**2 + jnp.exp(logvar) - 1 - logvar)
+        l1 = jnp.mean(jnp.abs(y - x))
+        return l1 + kl_weight * kl, (l1, kl)
+
+    @jax.jit
+    def step(p, s, x, k):
+        (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, x, k)
+        updates, s = opt.update(grads, s, p)
+        return optax.apply_updates(p, updates), s, aux
+
+    data = jnp.asarray(images)
+    start = time.time()
+    for i in range(steps):
+        k = jax.random.fold_in(key, i)
+        idx = jax.random.randint(jax.random.fold_in(k, 1), (BATCH.value,), 0, len(images))
+        params, state, (l1, kl) = step(params, state, data[idx], k)
+        if (i + 1) % 100 == 0 or i + 1 == steps:
+            log(f"vae step {i + 1}/{steps}: l1 {float(l1):.4f} kl {float(kl):.3f} ({time.time() - start:.0f} s)")
+    return params
+
+
+def reconstruct(vae: AutoencoderKL, params: Any, images: np.ndarray, batch: int = 32) -> np.ndarray:
+    """[-1, 1] images -> uint8 reconstructions through the posterior mean, as the pipeline would output them."""
+    fn = jax.jit(
+        lambda x: vae.apply({"params": params}, vae.apply({"params": params}, x, method="encode")[0], method="decode")
+    )
+    out = np.concatenate([np.asarray(fn(images[i : i + batch])) for i in range(0, len(images), batch)])
+    return np.round(np.clip(out / 2 + 0.5, 0, 1) * 255).astype(np.uint8)
+
+
+def psnr(originals: np.ndarray, recons: np.ndarray) -> float:
+    """Mean per-image PSNR (dB) of uint8 images."""
+    mse = ((originals.astype(np.float64) - recons.astype(np.float64)) ** 2).mean(axis=(1, 2, 3))
+    return float(np.mean(10 * np.log10(255.0**2 / np.maximum(mse, 1e-10))))
+
+
+def latent_stats(vae: AutoencoderKL, params: Any, images: np.ndarray, batch: int = 64) -> tuple[float, float]:
+    """(shift, scale) = (mean, 1 / std) of the posterior means over `images`, as the SD3 / Flux VAE configs."""
+    fn = jax.jit(lambda x: vae.apply({"params": params}, x, method="encode")[0])
+    means = np.concatenate([np.asarray(fn(images[i : i + batch])) for i in range(0, len(images), batch)])
+    return float(means.mean()), float(1 / means.std())
+
+
+def vae_config(shift: float, scale: float) -> dict[str, Any]:
+    """diffusers' AutoencoderKL config.json, plus the "stride": 2 that makes d4k_jax build the F16 VAE."""
+    n = len(VAE.block_out_channels)
+    return {
+        "_class_name": "AutoencoderKL",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "act_fn": "silu",
+        "block_out_channels": list(VAE.block_out_channels),
+        "down_block_types": ["DownEncoderBlock2D"] * n,
+        "force_upcast": True,
+        "in_channels": 3,
+        "latent_channels": VAE.latent_channels,
+        "latents_mean": None,
+        "latents_std": None,
+        "layers_per_block": VAE.layers_per_block,
+        "mid_block_add_attention": VAE.mid_block_add_attention,
+        "norm_num_groups": VAE.norm_num_groups,
+        "out_channels": 3,
+        "sample_size": SIZE,
+        "scaling_factor": round(scale, 4),
+        "shift_factor": round(shift, 4),
+        "up_block_types": ["UpDecoderBlock2D"] * n,
+        "use_post_quant_conv": False,
+        "use_quant_conv": False,
+        "stride": VAE.stride,
+    }
+
+
+def check_captions(out: Path, captions: list[str]) -> int:
+    """Every caption fits CLIP_LEN and is made of known whole-word tokens in both tokenizers; the longest length."""
+    clip, t5 = AutoTokenizer.from_pretrained(out / "tokenizer"), AutoTokenizer.from_pretrained(out / "tokenizer_2")
+    longest = 0
+    for caption in sorted(set(captions)):
+        words = caption.split()
+        ids = clip(caption).input_ids
+        if ids != [clip.bos_token_id, *clip.convert_tokens_to_ids([w + "</w>" for w in words]), clip.eos_token_id]:
+            raise ValueError(f"CLIP tokenizes {caption!r} as {clip.convert_ids_to_tokens(ids)}, not word by word")
+        ids2 = t5(caption).input_ids
+        if ids2 != [*t5.convert_tokens_to_ids(["▁" + w for w in words]), t5.eos_token_id]:
+            raise ValueError(f"T5 tokenizes {caption!r} as {t5.convert_ids_to_tokens(ids2)}, not word by word")
+        longest = max(longest, len(ids))
+    if longest > CLIP_LEN:
+        raise ValueError(f"a demo caption takes {longest} CLIP tokens, more than model_max_length {CLIP_LEN}")
+    return longest
+
+
+def export_random(config: dict[str, Any], key: jax.Array, dst: Path) -> int:
+    """Seeded random init of the model `config` describes, written in its diffusers / transformers layout."""
+    kind = kind_for(config)
+    model_cfg = kind.config_from(config)
+    params = nn.unbox(jax.jit(kind.build(model_cfg).init)(key, *kind.init_inputs(model_cfg))["params"])
+    export_component(config, params, dst, dtype=RANDOM_DTYPE)
+    return sum(a.size for a in jax.tree.leaves(params))
+
+
+def encoder_configs(clip_vocab: int, t5_vocab: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """transformers config dicts (as save_pretrained writes them) of the tiny CLIP-L and T5 stand-ins."""
+    clip = CLIPTextConfig(
+        vocab_size=clip_vocab,
+        hidden_size=TRANSFORMER["pooled_projection_dim"],
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=CLIP_LEN,
+        bos_token_id=0,
+        eos_token_id=1,  # pooled at the first <|endoftext|>, as the tokenizer's ids
+        pad_token_id=1,
+        architectures=["CLIPTextModel"],
+    )
+    t5 = T5Config(
+        vocab_size=t5_vocab,
+        d_model=TRANSFORMER["joint_attention_dim"],
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        feed_forward_proj="gated-gelu",
+        decoder_start_token_id=0,
+        architectures=["T5EncoderModel"],
+    )
+    return clip.to_diff_dict(), t5.to_diff_dict()
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    out, seed = Path(OUT.value), SEED.value
+    log = lambda msg: print(msg, flush=True)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    key = jax.random.key(seed)
+    vae_key, clip_key, t5_key, flux_key = jax.random.split(key, 4)
+
+    train = demo_examples(TRAIN_IMAGES.value, SIZE, seed=seed)
+    held_out = demo_examples(HELD_OUT, SIZE, seed=seed + 1)
+    start = time.time()
+    vae_params = train_vae(images_of(train), vae_key, log)
+    vae_seconds = time.time() - start
+    vae = AutoencoderKL(VAE)
+    recons = reconstruct(vae, vae_params, images_of(held_out))
+    originals = np.stack([img for img, _ in held_out])
+    held_psnr = psnr(originals, recons)
+    shift, scale = latent_stats(vae, vae_params, images_of(train[:2048]))
+    log(f"vae: {vae_seconds:.0f} s, held-out PSNR {held_psnr:.2f} dB, latent shift {shift:.4f} scale {scale:.4f}")
+    export_component(vae_config(shift, scale), vae_params, out / "vae", dtype="float32")
+    # export writes diffusers' own keys only; the F16 "stride" must be in config.json for d4k_jax to build F16
+    (out / "vae" / "config.json").write_text(json.dumps(vae_config(shift, scale), indent=2) + "\n")
+    if PREVIEW.value:
+        from PIL import Image
+
+        grid = np.concatenate([np.concatenate(list(originals[:8]), 1), np.concatenate(list(recons[:8]), 1)], 0)
+        Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(PREVIEW.value)
+
+    clip_tokenizer(out / "tokenizer", CLIP_LEN, words=WORDS)
+    t5_tokenizer(out / "tokenizer_2", words=WORDS)
+    longest = check_captions(out, [c for _, c in train])
+    clip_vocab = len(AutoTokenizer.from_pretrained(out / "tokenizer"))
+    t5_vocab = len(AutoTokenizer.from_pretrained(out / "tokenizer_2"))
+    clip_cfg, t5_cfg = encoder_configs(clip_vocab, t5_vocab)
+    counts = {
+        "text_encoder": export_random(clip_cfg, clip_key, out / "text_encoder"),
+        "text_encoder_2": export_random(t5_cfg, t5_key, out / "text_encoder_2"),
+        "transformer": export_random(TRANSFORMER, flux_key, out / "transformer"),
+    }
+    (out / "scheduler").mkdir()
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2) + "\n")
+    index = {"_class_name": "FluxPipeline", "_diffusers_version": DIFFUSERS_VERSION, **COMPONENTS}
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    for name in ("vae", "text_encoder", "text_encoder_2", "transformer"):
+        load_component(out / name)  # strict: raises on any missing, unexpected or mis-shaped tensor
+    check_pipeline(out, [c for _, c in held_out[:2]])
+    facts = dict(
+        seed=seed,
+        steps=STEPS.value,
+        batch=BATCH.value,
+        lr=LR.value,
+        kl=KL.value,
+        n_train=TRAIN_IMAGES.value,
+        seconds=vae_seconds,
+        psnr=held_psnr,
+        shift=shift,
+        scale=scale,
+        longest=longest,
+        clip_vocab=clip_vocab,
+        t5_vocab=t5_vocab,
+        counts=counts,
+        vae_params=sum(a.size for a in jax.tree.leaves(vae_params)),
+    )
+    (out / "README.md").write_text(readme(**facts))
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    log(f"wrote {out} ({size / 2**20:.2f} MiB); longest caption {longest} CLIP tokens; params {counts}")
+
+
+def check_pipeline(out: Path, captions: list[str]) -> None:
+    """The folder loads as a FLUX.1 pipeline with the F16 VAE and samples demo-size images."""
+    from d4k_jax.pipelines.flux import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(out, dtype=jnp.float32)
+    if pipe.vae[0].config.stride != 2:
+        raise ValueError(f"{out}/vae loads without stride 2: {pipe.vae[0].config}")
+    images = pipe(captions, height=SIZE, width=SIZE, num_inference_steps=2, max_sequence_length=CLIP_LEN)
+    if images.shape != (len(captions), SIZE, SIZE, 3) or images.dtype != jnp.uint8:
+        raise ValueError(f"the pipeline sampled {images.shape} {images.dtype}")
+
+
+def readme(**f: Any) -> str:
+    items = [
+        f'`vae/`: **trained**. An F16 AutoencoderKL (`"stride": 2` in config.json; diffusers ignores that key and'
+        f" would build the F8 decoder): block_out_channels {list(VAE.block_out_channels)}, layers_per_block"
+        f" {VAE.layers_per_block}, norm_num_groups {VAE.norm_num_groups}, mid-block attention,"
+        f" {VAE.latent_channels} latent channels, so 64x64 images <-> 8x8x{VAE.latent_channels} latents"
+        f" ({f['vae_params']:,} parameters, fp32). Trained {f['steps']} steps (batch {f['batch']}, Adam, peak lr"
+        f" {f['lr']}, warmup + cosine) on {f['n_train']} demo images (`demo_examples({f['n_train']}, 64,"
+        f" seed={f['seed']})`) with the L1 loss of the decoded posterior sample + {f['kl']} x KL per element;"
+        f" {f['seconds']:.0f} s on a 2-core CPU. Held-out PSNR (`demo_examples({HELD_OUT}, 64, seed={f['seed'] + 1})`,"
+        f" posterior mean, uint8): **{f['psnr']:.2f} dB**. scaling_factor = 1 / std and shift_factor = mean of the"
+        " posterior means over 2048 training images.",
+        f"`tokenizer/`, `tokenizer_2/`: CLIP and T5 tokenizers over the demo vocabulary ({len(WORDS)} words, one"
+        f" token each; CLIP model_max_length {CLIP_LEN}, the longest demo caption is {f['longest']} tokens).",
+        f"`text_encoder/` (CLIPTextModel, hidden 32, 2 layers, {f['clip_vocab']} tokens) and `text_encoder_2/`"
+        f" (T5EncoderModel, d_model 32, 2 layers, gated-gelu, {f['t5_vocab']} tokens): **random**, seeded, meant"
+        f" to stay frozen: a random projection of the tokens still tells the captions apart. {RANDOM_DTYPE} weights.",
+        f"`transformer/`: **random** seeded FluxTransformer2DModel initialisation ({f['counts']['transformer']:,}"
+        f" parameters, {RANDOM_DTYPE}): {TRANSFORMER['num_layers']} double + {TRANSFORMER['num_single_layers']}"
+        f" single blocks, {TRANSFORMER['num_attention_heads']} heads x {TRANSFORMER['attention_head_dim']},"
+        " guidance embedding; the demo trainer trains it from here.",
+        "`scheduler/`: FLUX.1-dev's FlowMatchEulerDiscreteScheduler (dynamic shifting).",
+    ]
+    bullets = "\n".join(
+        textwrap.fill(item, 110, initial_indent="- ", subsequent_indent="  ", break_on_hyphens=False) for item in items
+    )
+    return f"""# Demo pipeline (tiny FLUX.1 with an F16 VAE)
+
+A FLUX.1-dev-layout diffusers pipeline folder small enough to train on a CPU in minutes, for `make demo`
+and the tests. Made by
+
+    python -m tools.make_demo_pipeline --out=d4k_jax/data/demo_pipeline --seed={f["seed"]} \\
+        --vae_steps={f["steps"]} --vae_batch={f["batch"]} --vae_lr={f["lr"]} --kl_weight={f["kl"]} \\
+        --train_images={f["n_train"]}
+
+Same flags, same weights (the timing aside). Load it with
+`d4k_jax.pipelines.FluxPipeline.from_pretrained(path)`.
+
+{bullets}
+"""
+
+
+if __name__ == "__main__":
+    app.run(main)
