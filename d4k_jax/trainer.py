@@ -76,12 +76,15 @@ class Trainer:
         # a copy: the step donates the state, and the caller's arrays must stay valid
         params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=self.param_sharding)(params)
         # moments sharded like the parameters they follow, everything else (step counts) replicated
+        # (frozen parameters hold optax.MaskedNode placeholders in the masked optimizer's state)
+        masked = lambda x: isinstance(x, optax.MaskedNode)
         opt_shardings = optax.tree_map_params(
             tx,
-            lambda _, s: s,
+            lambda x, s: x if masked(x) else s,
             jax.eval_shape(tx.init, params),
             self.param_sharding,
             transform_non_params=lambda _: replicated,
+            is_leaf=masked,
         )
         opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
         step = jax.device_put(jnp.zeros((), jnp.int32), replicated)

@@ -8,11 +8,12 @@ import signal
 import jax
 import numpy as np
 import pytest
-from tiny_pipelines import flux_pipeline
+from tiny_pipelines import flux_pipeline, sd3_pipeline
 
 from configs import flux_wlf, sd3_wlf
 from d4k_jax import train
 from d4k_jax.pipelines.flux import FluxPipeline
+from d4k_jax.pipelines.sd3 import SD3Pipeline
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +23,8 @@ def pipe_dir(tmp_path_factory):
     return root / "flux"
 
 
-def _config(pipe_dir, steps=6):
-    c = flux_wlf.get_config("tiny")
+def _config(pipe_dir, steps=6, module=flux_wlf):
+    c = module.get_config("tiny")
     c.pipeline, c.vae_stride = str(pipe_dir), 1  # the test pipeline's VAE is a stock F8 one
     c.data.update(resolution=32, demo_images=24)
     c.train.update(steps=steps, batch_size=1, log_every=1, checkpoint_every=3, text_length=12)
@@ -89,6 +90,19 @@ def test_sigterm_saves_a_checkpoint_and_stops(pipe_dir, tmp_path, monkeypatch):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
     monkeypatch.undo()
     assert [r["step"] for r in train.run(c, tmp_path)] == [3, 4, 5, 6]
+
+
+def test_sd3_trains_with_cfg_eval_and_its_position_table_frozen(tmp_path):
+    sd3_pipeline(tmp_path)
+    c = _config(tmp_path / "sd3", steps=2, module=sd3_wlf)
+    c.eval.every = 2
+    rows = train.run(c, tmp_path / "work")
+    assert [r["step"] for r in rows] == [1, 2] and np.isfinite(rows[-1]["loss"])
+    assert (tmp_path / "work" / "samples" / "step_000002.png").is_file()
+    trained = SD3Pipeline.from_pretrained(tmp_path / "work" / "pipeline", dtype=np.float32).transformer[1]
+    start = SD3Pipeline.from_pretrained(tmp_path / "sd3", dtype=np.float32).transformer[1]
+    np.testing.assert_array_equal(trained["pos_embed"]["pos_embed"], start["pos_embed"]["pos_embed"])
+    assert not np.array_equal(trained["proj_out"]["kernel"], start["proj_out"]["kernel"])
 
 
 def test_configs_carry_the_reference_recipe():
