@@ -2,6 +2,9 @@
 
 vae_memory: XLA's compiled memory analysis of the bf16 F16 VAE decode (and encode) of 4096² images,
 on one device and spatially sharded over `--devices` (fake CPU devices are enough: nothing runs).
+train_memory: the same for the whole SD3-medium / FLUX.1-dev train step at 4096² (images encoded by the
+frozen VAE inside it, AdamW), FSDP over n devices, smallest n that fits `--budget` bytes per device:
+`python -m tools.bench train_memory --model=sd3|flux [--devices=1,2,4,8] [--all]`.
 """
 
 from __future__ import annotations
@@ -63,8 +66,9 @@ def _timings(run, repeats: int, warmup: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _full_size(model: str, batch: int, size: int, text_len: int, dtype, remat: str):
-    """(module, abstract inputs, small inputs) of FLUX.1-dev or SD3-medium at size² pixels (F16 latents)."""
+def _full_size(model: str, batch: int, size: int, text_len: int, dtype, remat: str, param_dtype=None):
+    """(module, abstract inputs, small inputs) of FLUX.1-dev or SD3-medium at size² pixels (F16 latents);
+    parameters stored in `param_dtype` (default: the compute `dtype`)."""
     import jax
     import jax.numpy as jnp
 
@@ -72,12 +76,13 @@ def _full_size(model: str, batch: int, size: int, text_len: int, dtype, remat: s
     from d4k_jax.models.mmdit import MMDiT, MMDiTConfig
 
     sds, h = jax.ShapeDtypeStruct, size // 16
+    param_dtype = param_dtype or dtype
     if model == "flux":
-        module = Flux(FluxConfig(remat=remat), dtype=dtype, param_dtype=dtype)
+        module = Flux(FluxConfig(remat=remat), dtype=dtype, param_dtype=param_dtype)
         shapes = [(h, h, 16), (), (text_len, 4096), (768,), ()]
     else:
         module = MMDiT(
-            MMDiTConfig(num_layers=24, caption_projection_dim=1536, remat=remat), dtype=dtype, param_dtype=dtype
+            MMDiTConfig(num_layers=24, caption_projection_dim=1536, remat=remat), dtype=dtype, param_dtype=param_dtype
         )
         shapes = [(h, h, 16), (), (text_len, 4096), (2048,)]
     dtypes = [dtype, jnp.float32, dtype, dtype, jnp.float32]
@@ -304,6 +309,194 @@ def tiny_train_step(args) -> None:
         )
 
 
+def train_step_lowered(module, small, tx, cfg, mesh, batch: dict, *, vae=None, vae_small=None, encode_passes=1):
+    """The whole jitted train step lowered as the Trainer runs it, from abstract shapes (nothing allocated).
+
+    Parameters are sharded by the logical rules (sharding.DEFAULT_RULES), the optimizer moments like the
+    parameters they follow, step counts and the key replicated, every batch leaf over ("data", "fsdp");
+    the state is donated and comes back with the shardings it came in with. `small` are inputs that
+    `module.init` accepts; `batch` maps "image" (or "x0"), "text" and "pooled" to global ShapeDtypeStructs.
+    A frozen `vae` (initialised from `vae_small`) encodes images inside the step in `encode_passes` passes.
+    Returns (lowered, abstract state); the state's leaves carry their shardings.
+    """
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from d4k_jax import sharding
+    from d4k_jax import train_step as ts
+
+    rules = sharding.DEFAULT_RULES
+    sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def abstract_params(m, inputs):
+        boxed = jax.eval_shape(m.init, jax.random.key(0), *inputs)
+        shardings = sharding.params_sharding(mesh, rules, boxed)["params"]
+        return jax.tree.map(sds, nn.unbox(boxed)["params"], shardings), shardings
+
+    params, param_sharding = abstract_params(module, small)
+    opt_abstract = jax.eval_shape(tx.init, params)
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # frozen params' empty moments (the Trainer lacks this)
+    opt_sharding = optax.tree_map_params(
+        tx,
+        lambda v, s: v if masked(v) else s,
+        opt_abstract,
+        param_sharding,
+        transform_non_params=lambda _: replicated,
+        is_leaf=masked,
+    )
+    state = ts.TrainState(
+        jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+        params,
+        jax.tree.map(sds, opt_abstract, opt_sharding),
+    )
+    state_sharding = jax.tree.map(lambda x: x.sharding, state)
+    data = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    batch = {k: sds(v, data) for k, v in batch.items()}
+    key = sds(jax.eval_shape(jax.random.key, 0), replicated)
+    vae_params = abstract_params(vae, vae_small)[0] if vae is not None else None
+
+    def step(state, batch, key, vae_params):
+        with nn.logical_axis_rules(rules):
+            new, metrics = ts.train_step(
+                state, batch, key, vae_params, model=module, tx=tx, cfg=cfg, vae=vae, encode_passes=encode_passes
+            )
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])  # the Trainer's NaN check
+        return new, {**metrics, "finite": finite}
+
+    jitted = jax.jit(step, out_shardings=(state_sharding, replicated), donate_argnums=0)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        return jitted.lower(state, batch, key, vae_params), state
+
+
+def _per_device_bytes(tree) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard of each leaf)."""
+    import jax
+    import numpy as np
+
+    leaves = [x for x in jax.tree.leaves(tree) if hasattr(x, "shape")]
+    return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize for x in leaves)
+
+
+def _saved_for_backward(module, params, cfg, x0, text, pooled) -> int | None:
+    """Bytes the transformer's forward keeps for its backward pass (jax's saved residuals under the remat
+    policy, in the program's own dtypes, parameters excluded) for these inputs: backend-independent."""
+    import jax
+    import jax.numpy as jnp
+
+    from d4k_jax import train_step as ts
+
+    try:
+        from jax._src.ad_checkpoint import saved_residuals  # what jax.ad_checkpoint.print_saved_residuals prints
+    except ImportError:
+        return None
+    sigma = jax.ShapeDtypeStruct(x0.shape[:1], jnp.float32)
+
+    def loss(p, x0, noise, sigma, text, pooled):
+        return ts.loss_from_noise(module, p, {"x0": x0, "text": text, "pooled": pooled}, noise, sigma, cfg)
+
+    residuals = saved_residuals(loss, params, x0, x0, sigma, text, pooled)
+    return sum(a.size * a.dtype.itemsize for a, why in residuals if not why.startswith("from the argument"))
+
+
+def train_memory(args) -> None:
+    """Compiled memory of the whole full-size train step (SD3-medium or FLUX.1-dev at args.size², images
+    encoded by the frozen F16 VAE inside the step, WLF loss, clip + AdamW with fp32 state, transformer
+    remat), FSDP over n devices for n in args.devices, stopping at the first n whose per-device peak fits
+    args.budget bytes. On a CPU-only host the devices are fake host devices (main sets XLA_FLAGS); on a
+    GPU/TPU host the real devices are used and larger n are skipped."""
+    import dataclasses
+
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    from flax import traverse_util
+
+    from d4k_jax import sharding
+    from d4k_jax import train_step as ts
+    from d4k_jax.models import vae as vae_lib
+    from d4k_jax.nn import attention
+
+    if args.attention_chunk:  # queries per chunk of the chunked (non-cuDNN) attention; the library's default is 1024
+        attention.dot_product_attention.__kwdefaults__["chunk_size"] = args.attention_chunk
+    dtype = jnp.dtype(args.dtype)
+    sd3 = args.model == "sd3"
+    per_device = args.batch or (8 if sd3 else 4)
+    text_len = args.text_len or (154 if sd3 else 77)
+    s, pooled = args.size, 2048 if sd3 else 768
+    module, _, small = _full_size(args.model, 1, s, text_len, dtype, args.remat, param_dtype=jnp.float32)
+    vae_cfg = dataclasses.replace(vae_lib.SD3_VAE if sd3 else vae_lib.FLUX_VAE, stride=2)
+    vae = vae_lib.AutoencoderKL(vae_cfg, dtype=dtype, param_dtype=dtype)  # frozen: stored in the compute dtype
+    vae_small = (jnp.zeros((1, 32, 32, 3), dtype),)
+    shapes = jax.eval_shape(lambda: nn.unbox(module.init(jax.random.key(0), *small))["params"])
+    # SD3's sincos position table is a parameter but not trained (as the reference): no moments for it. A
+    # static mask: optax.tree_map_params (the Trainer's moment shardings) cannot call a mask function.
+    trainable = None
+    if sd3:
+        trainable = traverse_util.path_aware_map(lambda k, _: k[0] != "pos_embed" or k[-1] != "pos_embed", shapes)
+    tx = ts.optimizer(lr=1e-6, trainable=trainable)
+    cfg = ts.LossConfig(model=args.model)
+    devices = jax.devices()
+    gib = lambda b: b / 2**30
+    tokens = jax.ShapeDtypeStruct((1, (s // 32) ** 2 + text_len, 1, 64), dtype)  # what the joint attention sees
+    print(
+        f"{args.model} train step at {s}² on {len(devices)} x {devices[0].device_kind} ({jax.default_backend()}): "
+        f"per-device batch {per_device} (encode passes {per_device}), text {text_len}x4096 + pooled {pooled}, "
+        f"compute {dtype}, params fp32, AdamW fp32, VAE {dtype}, remat {args.remat!r}, attention "
+        f"{attention.choose_implementation(tokens, tokens, has_bias=False, has_mask=False)} "
+        f"(chunk {attention.dot_product_attention.__kwdefaults__['chunk_size']}), "
+        f"budget {args.budget / 1e9:.1f} GB ({gib(args.budget):.2f} GiB) per device",
+        flush=True,
+    )
+    one = lambda *shape, dt=dtype: jax.ShapeDtypeStruct((per_device, *shape), dt)
+    saved = _saved_for_backward(
+        module, shapes, cfg, one(s // 16, s // 16, 16, dt=jnp.float32), one(text_len, 4096), one(pooled)
+    )
+    if saved is not None:  # activations are batch-sharded: one device keeps its per-device batch's share
+        print(f"  saved for the backward pass, per device (program dtypes, remat {args.remat!r}): {gib(saved):.2f} GiB")
+    for n in args.devices:
+        if n > len(devices):
+            print(f"  fsdp={n}: skipped, only {len(devices)} devices here")
+            continue
+        mesh = sharding.make_mesh({"data": 1, "fsdp": n}, devices[:n])
+        b = per_device * n
+        batch = {
+            "image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32),
+            "text": jax.ShapeDtypeStruct((b, text_len, 4096), dtype),
+            "pooled": jax.ShapeDtypeStruct((b, pooled), dtype),
+        }
+        t = time.perf_counter()
+        lowered, state = train_step_lowered(
+            module, small, tx, cfg, mesh, batch, vae=vae, vae_small=vae_small, encode_passes=per_device
+        )
+        m = lowered.compile().memory_analysis()
+        seconds = time.perf_counter() - t
+        arg, out, alias, temp = (
+            m.argument_size_in_bytes,
+            m.output_size_in_bytes,
+            m.alias_size_in_bytes,
+            m.temp_size_in_bytes,
+        )
+        peak = arg + out - alias + temp
+        params, moments = _per_device_bytes(state.params), _per_device_bytes(state.opt_state)
+        print(
+            f"  fsdp={n} (global batch {b}): args {gib(arg):.2f} GiB (params {gib(params):.2f}, AdamW "
+            f"{gib(moments):.2f}), out {gib(out):.2f}, alias {gib(alias):.2f}, temp {gib(temp):.2f}, "
+            f"peak = args + out - alias + temp = {gib(peak):.2f} GiB ({peak / 1e9:.1f} GB): "
+            f"{'fits' if peak <= args.budget else 'does not fit'} (compile {seconds:.0f}s)",
+            flush=True,
+        )
+        if peak <= args.budget and not args.all:
+            break
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -332,14 +525,27 @@ def main(argv=None) -> None:
     p.add_argument("--size", type=int, default=4096)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p = sub.add_parser("train_memory", help="compiled memory of the full-size 4096² train step, FSDP over n devices")
+    p.add_argument("--model", choices=["flux", "sd3"], default="sd3")
+    p.add_argument("--size", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=0, help="per-device batch; default 8 (SD3), 4 (Flux)")
+    p.add_argument("--text_len", type=int, default=0, help="default: 154 (SD3), 77 (Flux)")
+    p.add_argument("--remat", default="full")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype")
+    p.add_argument("--devices", type=_ints, default=None, help="fsdp sizes; default 1,2,4,8 (SD3), 4,8,16,32 (Flux)")
+    p.add_argument("--budget", type=float, default=80e9, help="bytes per device")
+    p.add_argument("--attention_chunk", type=int, default=0, help="queries per chunk of the chunked attention")
+    p.add_argument("--all", action="store_true", help="do not stop at the first fitting size")
     p = sub.add_parser("tiny_train_step", help="tiny Flux train step, d4k_jax vs torch")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args(argv)
-    if getattr(args, "devices", 1) > 1 and "jax" not in sys.modules:
-        os.environ["XLA_FLAGS"] = (
-            os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.devices}"
-        )
+    if args.cmd == "train_memory" and args.devices is None:
+        args.devices = [1, 2, 4, 8] if args.model == "sd3" else [4, 8, 16, 32]
+    # fake host devices; the flag only touches the CPU platform, so GPU/TPU hosts still use their own devices
+    fake = max(args.devices) if isinstance(getattr(args, "devices", 1), list) else getattr(args, "devices", 1)
+    if fake > 1 and "jax" not in sys.modules:
+        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={fake}"
     commands = dict(
         vae_memory=vae_memory,
         forward_memory=forward_memory,
@@ -347,6 +553,7 @@ def main(argv=None) -> None:
         tiny_train_step=tiny_train_step,
         tiny_steps=tiny_steps,
         pipeline_memory=pipeline_memory,
+        train_memory=train_memory,
     )
     commands[args.cmd](args)
 
