@@ -339,7 +339,7 @@ def train_step_lowered(module, small, tx, cfg, mesh, batch: dict, *, vae=None, v
 
     params, param_sharding = abstract_params(module, small)
     opt_abstract = jax.eval_shape(tx.init, params)
-    masked = lambda x: isinstance(x, optax.MaskedNode)  # frozen params' empty moments (the Trainer lacks this)
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # frozen params' empty moments, as the Trainer does
     opt_sharding = optax.tree_map_params(
         tx,
         lambda v, s: v if masked(v) else s,
