@@ -1,5 +1,6 @@
-"""The committed demo pipeline (d4k_jax/data/demo_pipeline, made by tools/make_demo_pipeline.py)."""
+"""The committed demo pipelines (d4k_jax/data/demo_pipeline[_sd3], made by tools/make_demo_pipeline.py)."""
 
+import filecmp
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -8,8 +9,10 @@ import pytest
 
 from d4k_jax.data import demo
 from d4k_jax.pipelines.flux import FluxPipeline
+from d4k_jax.pipelines.sd3 import SD3Pipeline
 
 FOLDER = Path(demo.__file__).parent / "demo_pipeline"
+SD3_FOLDER = Path(demo.__file__).parent / "demo_pipeline_sd3"
 UNSEEN_SEED = 4242  # the VAE trained on demo seed 0 and was evaluated on seed 1
 MIN_PSNR = 23.5  # dB; 26.1 on these images, 25.6 on the held-out set (README.md); a random VAE ~13
 
@@ -52,3 +55,16 @@ def test_demo_captions_tokenize_whole(pipe):
         assert clip.unk_token_id not in ids[1:-1], (caption, ids)
         ids = t5(caption).input_ids
         assert len(ids) == len(words) + 1 and t5.unk_token_id not in ids and ids[-1] == t5.eos_token_id, caption
+
+
+def test_sd3_folder_loads_and_samples_with_cfg():
+    vae_files = ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert filecmp.cmpfiles(FOLDER / "vae", SD3_FOLDER / "vae", vae_files, shallow=False)[0] == vae_files
+    pipe = SD3Pipeline.from_pretrained(SD3_FOLDER, dtype=jnp.float32)  # every component loads strictly
+    assert pipe.vae[0].config.stride == 2 and pipe.transformer[0].config.in_channels == 8
+    captions = [c for _, c in demo.demo_examples(2, 8, seed=UNSEEN_SEED)]
+    text, pooled = pipe.encode_prompt(captions, 16)
+    assert text.shape == (2, 32, 96) and pooled.shape == (2, 80)  # CLIP 32 + 48 padded to T5's 96; 32 + 48
+    assert np.abs(np.asarray(pooled[0] - pooled[1])).max() > 1e-2
+    images = pipe(captions, height=64, width=64, num_inference_steps=2, guidance_scale=5.0, max_sequence_length=16)
+    assert images.shape == (2, 64, 64, 3) and images.dtype == jnp.uint8

@@ -1,9 +1,15 @@
-"""Build the embedded demo pipeline: `python -m tools.make_demo_pipeline --out=d4k_jax/data/demo_pipeline`.
+"""Build the embedded demo pipelines.
+
+    python -m tools.make_demo_pipeline --out=d4k_jax/data/demo_pipeline
+    python -m tools.make_demo_pipeline --model=sd3 --out=d4k_jax/data/demo_pipeline_sd3 \\
+        --vae_from=d4k_jax/data/demo_pipeline/vae
 
 A FLUX.1-style diffusers pipeline folder small enough to train on a 2-core CPU in minutes, laid out exactly
 like FLUX.1-dev's so the training CLI loads it like the real one. Only the F16 VAE is trained here (on the
 embedded demo images, 64x64 -> 8x8x8 latents); the text encoders and the transformer are seeded random
 initialisations (the encoders stay frozen: a random projection of the tokens still tells captions apart).
+--model=sd3 writes the StableDiffusion3Pipeline equivalent (CLIP-L, CLIP-G, T5, MMDiT; random, seeded)
+around a copy of that trained VAE (--vae_from), which it does not retrain.
 Same flags, same folder: every random draw comes from --seed.
 """
 
@@ -31,7 +37,9 @@ from d4k_jax.data.demo import COLORS, SHAPES, demo_examples
 from d4k_jax.models.vae import AutoencoderKL, VAEConfig, sample_posterior
 from tools.tiny_tokenizers import clip_tokenizer, t5_tokenizer
 
-OUT = flags.DEFINE_string("out", "d4k_jax/data/demo_pipeline", "pipeline folder to (re)write")
+MODEL = flags.DEFINE_enum("model", "flux", ["flux", "sd3"], "FLUX.1 (trains the VAE) or SD3 (reuses --vae_from)")
+OUT = flags.DEFINE_string("out", "", "pipeline folder to (re)write; default d4k_jax/data/demo_pipeline[_sd3]")
+VAE_FROM = flags.DEFINE_string("vae_from", "d4k_jax/data/demo_pipeline/vae", "sd3: the trained VAE folder to copy")
 SEED = flags.DEFINE_integer("seed", 0, "one seed for the VAE's data, init and noise and the random components")
 STEPS = flags.DEFINE_integer("vae_steps", 1200, "VAE training steps")
 BATCH = flags.DEFINE_integer("vae_batch", 16, "VAE batch size")
@@ -86,6 +94,47 @@ COMPONENTS = {
     "tokenizer": ["transformers", "CLIPTokenizer"],
     "tokenizer_2": ["transformers", "T5TokenizerFast"],
     "transformer": ["diffusers", "FluxTransformer2DModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+# SD3: CLIP-L and CLIP-G penultimate states (32 + 48 features) are concatenated and zero-padded to the T5 width,
+# which is also the transformer's joint_attention_dim; the pooled input is their projections (32 + 48).
+SD3_CLIP_L = dict(
+    hidden_size=32, projection_dim=32, intermediate_size=64, num_attention_heads=2, hidden_act="quick_gelu"
+)
+SD3_CLIP_G = dict(hidden_size=48, projection_dim=48, intermediate_size=96, num_attention_heads=2, hidden_act="gelu")
+SD3_T5_WIDTH = 96
+SD3_TRANSFORMER = {
+    "_class_name": "SD3Transformer2DModel",
+    "_diffusers_version": DIFFUSERS_VERSION,
+    "attention_head_dim": 24,
+    "caption_projection_dim": 96,  # the width, heads x head dim, as SD3's
+    "dual_attention_layers": [],
+    "in_channels": VAE.latent_channels,
+    "joint_attention_dim": SD3_T5_WIDTH,
+    "num_attention_heads": 4,
+    "num_layers": 2,
+    "out_channels": VAE.latent_channels,
+    "patch_size": 2,
+    "pooled_projection_dim": SD3_CLIP_L["projection_dim"] + SD3_CLIP_G["projection_dim"],
+    "pos_embed_max_size": 16,  # patches a side: latents up to 32x32, 512x512 images with the F16 VAE
+    "qk_norm": None,
+    "sample_size": SIZE // 8,  # latents a side at the demo size: the sincos table's base size is 8 / 2 = 4
+}
+SD3_SCHEDULER = {  # SD3-medium's
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "_diffusers_version": DIFFUSERS_VERSION,
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+}
+SD3_COMPONENTS = {
+    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+    "text_encoder_3": ["transformers", "T5EncoderModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "tokenizer_2": ["transformers", "CLIPTokenizer"],
+    "tokenizer_3": ["transformers", "T5TokenizerFast"],
+    "transformer": ["diffusers", "SD3Transformer2DModel"],
     "vae": ["diffusers", "AutoencoderKL"],
 }
 # Trained weights keep fp32; the random ones are a bf16 draw (the trainer reads them into fp32), which keeps
@@ -183,9 +232,9 @@ def vae_config(shift: float, scale: float) -> dict[str, Any]:
     }
 
 
-def check_captions(out: Path, captions: list[str]) -> int:
+def check_captions(out: Path, captions: list[str], t5_name: str = "tokenizer_2") -> int:
     """Every caption fits CLIP_LEN and is made of known whole-word tokens in both tokenizers; the longest length."""
-    clip, t5 = AutoTokenizer.from_pretrained(out / "tokenizer"), AutoTokenizer.from_pretrained(out / "tokenizer_2")
+    clip, t5 = AutoTokenizer.from_pretrained(out / "tokenizer"), AutoTokenizer.from_pretrained(out / t5_name)
     longest = 0
     for caption in sorted(set(captions)):
         words = caption.split()
@@ -241,10 +290,47 @@ def encoder_configs(clip_vocab: int, t5_vocab: int) -> tuple[dict[str, Any], dic
     return clip.to_diff_dict(), t5.to_diff_dict()
 
 
+def sd3_encoder_configs(clip_vocab: int, t5_vocab: int) -> tuple[dict[str, Any], ...]:
+    """transformers config dicts of the tiny CLIP-L, CLIP-G (both with projection) and T5 stand-ins of SD3."""
+    clips = tuple(
+        CLIPTextConfig(
+            vocab_size=clip_vocab,
+            num_hidden_layers=2,
+            max_position_embeddings=CLIP_LEN,
+            bos_token_id=0,
+            eos_token_id=1,  # pooled at the first <|endoftext|>, as the tokenizer's ids
+            pad_token_id=1,
+            architectures=["CLIPTextModelWithProjection"],
+            **dims,
+        ).to_diff_dict()
+        for dims in (SD3_CLIP_L, SD3_CLIP_G)
+    )
+    t5 = T5Config(
+        vocab_size=t5_vocab,
+        d_model=SD3_T5_WIDTH,
+        d_kv=24,
+        d_ff=128,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        feed_forward_proj="gated-gelu",
+        decoder_start_token_id=0,
+        architectures=["T5EncoderModel"],
+    )
+    return (*clips, t5.to_diff_dict())
+
+
 def main(argv: list[str]) -> None:
     del argv
-    out, seed = Path(OUT.value), SEED.value
+    model, seed = MODEL.value, SEED.value
+    out = Path(OUT.value or ("d4k_jax/data/demo_pipeline_sd3" if model == "sd3" else "d4k_jax/data/demo_pipeline"))
     log = lambda msg: print(msg, flush=True)
+    (make_sd3 if model == "sd3" else make_flux)(out, seed, log)
+
+
+def make_flux(out: Path, seed: int, log: Callable[[str], None]) -> None:
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -312,6 +398,74 @@ def main(argv: list[str]) -> None:
     log(f"wrote {out} ({size / 2**20:.2f} MiB); longest caption {longest} CLIP tokens; params {counts}")
 
 
+def make_sd3(out: Path, seed: int, log: Callable[[str], None]) -> None:
+    """The SD3 folder around a copy of the trained VAE in --vae_from; the rest seeded random, as the Flux one."""
+    src = Path(VAE_FROM.value)
+    vae_cfg = json.loads((src / "config.json").read_text())
+    if vae_cfg.get("stride") != 2 or vae_cfg.get("latent_channels") != SD3_TRANSFORMER["in_channels"]:
+        raise ValueError(f"{src} is not the demo's F16 VAE with {SD3_TRANSFORMER['in_channels']} latent channels")
+    if out.resolve() in src.resolve().parents:
+        raise ValueError(f"--vae_from {src} lies inside --out {out}, which is rewritten")
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    # a copy, not a symlink: wheels and sdists ship plain files (git stores the identical blobs once)
+    shutil.copytree(src, out / "vae")
+    _, clip_l_key, clip_g_key, t5_key, mmdit_key = jax.random.split(jax.random.key(seed), 5)
+
+    clip_tokenizer(out / "tokenizer", CLIP_LEN, words=WORDS)
+    shutil.copytree(out / "tokenizer", out / "tokenizer_2")  # CLIP-L's and CLIP-G's tokenizers: one vocabulary
+    t5_tokenizer(out / "tokenizer_3", words=WORDS)
+    captions = [c for _, c in demo_examples(TRAIN_IMAGES.value, 8, seed=seed)]  # captions do not depend on size
+    longest = check_captions(out, captions, t5_name="tokenizer_3")
+    clip_vocab = len(AutoTokenizer.from_pretrained(out / "tokenizer"))
+    t5_vocab = len(AutoTokenizer.from_pretrained(out / "tokenizer_3"))
+    clip_l_cfg, clip_g_cfg, t5_cfg = sd3_encoder_configs(clip_vocab, t5_vocab)
+    counts = {
+        "text_encoder": export_random(clip_l_cfg, clip_l_key, out / "text_encoder"),
+        "text_encoder_2": export_random(clip_g_cfg, clip_g_key, out / "text_encoder_2"),
+        "text_encoder_3": export_random(t5_cfg, t5_key, out / "text_encoder_3"),
+        "transformer": export_random(SD3_TRANSFORMER, mmdit_key, out / "transformer"),
+    }
+    (out / "scheduler").mkdir()
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD3_SCHEDULER, indent=2) + "\n")
+    index = {"_class_name": "StableDiffusion3Pipeline", "_diffusers_version": DIFFUSERS_VERSION, **SD3_COMPONENTS}
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer"):
+        load_component(out / name)  # strict: raises on any missing, unexpected or mis-shaped tensor
+    check_sd3_pipeline(out, [c for _, c in demo_examples(2, 8, seed=seed + 1)])
+    (out / "README.md").write_text(
+        readme_sd3(
+            seed=seed,
+            vae_from=src,
+            vae_cfg=vae_cfg,
+            longest=longest,
+            clip_vocab=clip_vocab,
+            t5_vocab=t5_vocab,
+            counts=counts,
+        )
+    )
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    log(f"wrote {out} ({size / 2**20:.2f} MiB); longest caption {longest} CLIP tokens; params {counts}")
+
+
+def check_sd3_pipeline(out: Path, captions: list[str]) -> None:
+    """The folder loads as an SD3 pipeline with the F16 VAE and samples demo-size images with CFG."""
+    from d4k_jax.pipelines.sd3 import SD3Pipeline
+
+    pipe = SD3Pipeline.from_pretrained(out, dtype=jnp.float32)
+    if pipe.vae[0].config.stride != 2:
+        raise ValueError(f"{out}/vae loads without stride 2: {pipe.vae[0].config}")
+    text, pooled = pipe.encode_prompt(captions, CLIP_LEN)
+    want = ((len(captions), 2 * CLIP_LEN, SD3_T5_WIDTH), (len(captions), SD3_TRANSFORMER["pooled_projection_dim"]))
+    if (text.shape, pooled.shape) != want:
+        raise ValueError(f"the SD3 conditioning is {text.shape}, {pooled.shape}, not {want}")
+    images = pipe(captions, height=SIZE, width=SIZE, num_inference_steps=2, max_sequence_length=CLIP_LEN)
+    if images.shape != (len(captions), SIZE, SIZE, 3) or images.dtype != jnp.uint8:
+        raise ValueError(f"the pipeline sampled {images.shape} {images.dtype}")
+
+
 def check_pipeline(out: Path, captions: list[str]) -> None:
     """The folder loads as a FLUX.1 pipeline with the F16 VAE and samples demo-size images."""
     from d4k_jax.pipelines.flux import FluxPipeline
@@ -361,6 +515,50 @@ and the tests. Made by
 
 Same flags, same weights (the timing aside). Load it with
 `d4k_jax.pipelines.FluxPipeline.from_pretrained(path)`.
+
+{bullets}
+"""
+
+
+def readme_sd3(**f: Any) -> str:
+    t, l_, g = SD3_TRANSFORMER, SD3_CLIP_L, SD3_CLIP_G
+    vae = f["vae_cfg"]
+    items = [
+        f'`vae/`: **trained**, a byte-for-byte copy of `{f["vae_from"]}` (the Flux demo\'s F16 VAE, `"stride": 2`,'
+        f" {vae['latent_channels']} latent channels, scaling_factor {vae['scaling_factor']}, shift_factor"
+        f" {vae['shift_factor']}; how it was trained and how well it reconstructs: that folder's README). Not"
+        " retrained; remake this folder whenever the Flux demo's VAE is remade.",
+        f"`tokenizer/`, `tokenizer_2/`: the same CLIP tokenizer over the demo vocabulary ({len(WORDS)} words, one"
+        f" token each; model_max_length {CLIP_LEN}, the longest demo caption is {f['longest']} tokens);"
+        " `tokenizer_3/`: the T5 tokenizer over it.",
+        f"`text_encoder/` (CLIP-L stand-in: CLIPTextModelWithProjection, hidden {l_['hidden_size']}, projection"
+        f" {l_['projection_dim']}, {l_['hidden_act']}), `text_encoder_2/` (CLIP-G stand-in: hidden"
+        f" {g['hidden_size']}, projection {g['projection_dim']}, {g['hidden_act']}), both 2 layers,"
+        f" {f['clip_vocab']} tokens, and `text_encoder_3/` (T5EncoderModel, d_model {SD3_T5_WIDTH}, 2 layers,"
+        f" gated-gelu, {f['t5_vocab']} tokens): **random**, seeded, meant to stay frozen; {RANDOM_DTYPE} weights."
+        f" As in SD3, the CLIP penultimate states ({l_['hidden_size']} + {g['hidden_size']} features) are"
+        f" zero-padded to the T5 width {SD3_T5_WIDTH} = joint_attention_dim, and the pooled input is the two"
+        f" projections ({t['pooled_projection_dim']}).",
+        f"`transformer/`: **random** seeded SD3Transformer2DModel initialisation ({f['counts']['transformer']:,}"
+        f" parameters, {RANDOM_DTYPE}): {t['num_layers']} joint blocks, {t['num_attention_heads']} heads x"
+        f" {t['attention_head_dim']}, patch {t['patch_size']}, {t['in_channels']} latent channels, sample_size"
+        f" {t['sample_size']}, pos_embed_max_size {t['pos_embed_max_size']} (latents up to"
+        f" {t['pos_embed_max_size'] * t['patch_size']}x{t['pos_embed_max_size'] * t['patch_size']}); the demo"
+        " trainer trains it from here.",
+        "`scheduler/`: SD3-medium's FlowMatchEulerDiscreteScheduler (shift 3.0).",
+    ]
+    bullets = "\n".join(
+        textwrap.fill(item, 110, initial_indent="- ", subsequent_indent="  ", break_on_hyphens=False) for item in items
+    )
+    return f"""# Demo pipeline (tiny SD3 with the F16 VAE)
+
+A StableDiffusion3Pipeline-layout diffusers folder small enough to train on a CPU in minutes, the SD3
+counterpart of `../demo_pipeline` (`configs/sd3_wlf.py:tiny`). Made by
+
+    python -m tools.make_demo_pipeline --model=sd3 --out=d4k_jax/data/demo_pipeline_sd3 --seed={f["seed"]} \\
+        --vae_from={f["vae_from"]}
+
+Same flags, same weights. Load it with `d4k_jax.pipelines.sd3.SD3Pipeline.from_pretrained(path)`.
 
 {bullets}
 """
