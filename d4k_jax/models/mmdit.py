@@ -24,6 +24,7 @@ from d4k_jax.nn import Conv2d, Dense, LayerNorm, stack
 from d4k_jax.nn.embeddings import AdaLN, TimeTextEmbed, modulate
 from d4k_jax.nn.feedforward import FeedForward
 from d4k_jax.nn.joint_attention import JointAttention
+from d4k_jax.nn.stack import rematerialize
 
 _TOKENS = ("batch", "length", "embed")
 
@@ -183,7 +184,8 @@ class MMDiT(nn.Module):
         for first, count, dual in cfg.groups():
             last = first == cfg.num_layers - 1
             if last:
-                block = JointBlock(cfg, dual=dual, last=True, name=f"transformer_blocks_{first}", **kw)
+                block = rematerialize(JointBlock, cfg.remat)  # its activations are as large as any block's
+                block = block(cfg, dual=dual, last=True, name=f"transformer_blocks_{first}", **kw)
                 (img, _), _ = block((img, txt), temb)
             else:
                 blocks = stack(JointBlock, count, remat=cfg.remat, num_broadcast=1)

@@ -14,6 +14,16 @@ REMAT_POLICIES = {
 }
 
 
+def rematerialize(block: type[nn.Module], policy: str, *, in_scan: bool = False) -> type[nn.Module]:
+    """`block` rematerialised with the named policy ("none": unchanged). Outside a scan, CSE must be
+    prevented or XLA may merge the recompute back into the forward and keep the activations after all."""
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {policy!r}; choose from {sorted(REMAT_POLICIES)}")
+    if policy == "none":
+        return block
+    return nn.remat(block, policy=REMAT_POLICIES[policy], prevent_cse=not in_scan)
+
+
 def stack(block: type[nn.Module], length: int, *, remat: str = "none", num_broadcast: int = 0) -> type[nn.Module]:
     """A module class applying `block` `length` times.
 
@@ -21,12 +31,8 @@ def stack(block: type[nn.Module], length: int, *, remat: str = "none", num_broad
     `num_broadcast` further positional arguments are the same for every layer; the per-layer outputs y
     come back stacked on a leading axis. Parameters get a leading "layers" logical axis.
     """
-    if remat not in REMAT_POLICIES:
-        raise ValueError(f"unknown remat policy {remat!r}; choose from {sorted(REMAT_POLICIES)}")
-    if remat != "none":
-        block = nn.remat(block, policy=REMAT_POLICIES[remat], prevent_cse=False)
     return nn.scan(
-        block,
+        rematerialize(block, remat, in_scan=True),
         variable_axes={"params": 0},
         split_rngs={"params": True},
         in_axes=(nn.broadcast,) * num_broadcast,
