@@ -86,9 +86,9 @@ def add_training(c: ml_collections.ConfigDict, arg: str | None) -> ml_collection
     )
     if arg == "tiny":
         c.pipeline = DEMO_PIPELINES[model]
-        c.data.update(resolution=64, worker_count=0, demo_images=512)
+        c.data.update(resolution=64, worker_count=0, demo_images=2048)
         c.train.update(
-            steps=600,
+            steps=3000,
             batch_size=16,
             mesh={"data": -1, "fsdp": 1},
             encode_passes=1,
@@ -99,9 +99,9 @@ def add_training(c: ml_collections.ConfigDict, arg: str | None) -> ml_collection
             weight_decay=0.0,
             text_length=16,
             log_every=10,
-            checkpoint_every=200,
+            checkpoint_every=1000,
         )
-        c.eval.update(every=200, prompts=DEMO_PROMPTS, height=64, width=64, steps=20, guidance=3.5)
+        c.eval.update(every=1000, prompts=DEMO_PROMPTS, height=64, width=64, steps=20, guidance=3.5)
         c.eval.max_sequence_length = 16
         c.sample.update(height=64, width=64, steps=20, guidance=3.5)
     return c
