@@ -309,7 +309,9 @@ def tiny_train_step(args) -> None:
         )
 
 
-def train_step_lowered(module, small, tx, cfg, mesh, batch: dict, *, vae=None, vae_small=None, encode_passes=1):
+def train_step_lowered(
+    module, small, tx, cfg, mesh, batch: dict, *, vae=None, vae_small=None, encode_passes=1, microbatches=1
+):
     """The whole jitted train step lowered as the Trainer runs it, from abstract shapes (nothing allocated).
 
     Parameters are sharded by the logical rules (sharding.DEFAULT_RULES), the optimizer moments like the
@@ -362,7 +364,16 @@ def train_step_lowered(module, small, tx, cfg, mesh, batch: dict, *, vae=None, v
     def step(state, batch, key, vae_params):
         with nn.logical_axis_rules(rules):
             new, metrics = ts.train_step(
-                state, batch, key, vae_params, model=module, tx=tx, cfg=cfg, vae=vae, encode_passes=encode_passes
+                state,
+                batch,
+                key,
+                vae_params,
+                model=module,
+                tx=tx,
+                cfg=cfg,
+                vae=vae,
+                encode_passes=encode_passes,
+                microbatches=microbatches,
             )
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])  # the Trainer's NaN check
         return new, {**metrics, "finite": finite}
@@ -444,7 +455,8 @@ def train_memory(args) -> None:
     tokens = jax.ShapeDtypeStruct((1, (s // 32) ** 2 + text_len, 1, 64), dtype)  # what the joint attention sees
     print(
         f"{args.model} train step at {s}² on {len(devices)} x {devices[0].device_kind} ({jax.default_backend()}): "
-        f"per-device batch {per_device} (encode passes {per_device}), text {text_len}x4096 + pooled {pooled}, "
+        f"per-device batch {per_device} (encode passes {per_device}, microbatches {args.microbatches}), "
+        f"text {text_len}x4096 + pooled {pooled}, "
         f"compute {dtype}, params fp32, AdamW fp32, VAE {dtype}, remat {args.remat!r}, attention "
         f"{attention.choose_implementation(tokens, tokens, has_bias=False, has_mask=False)} "
         f"(chunk {attention.dot_product_attention.__kwdefaults__['chunk_size']}), "
@@ -470,7 +482,16 @@ def train_memory(args) -> None:
         }
         t = time.perf_counter()
         lowered, state = train_step_lowered(
-            module, small, tx, cfg, mesh, batch, vae=vae, vae_small=vae_small, encode_passes=per_device
+            module,
+            small,
+            tx,
+            cfg,
+            mesh,
+            batch,
+            vae=vae,
+            vae_small=vae_small,
+            encode_passes=per_device,
+            microbatches=args.microbatches,
         )
         m = lowered.compile().memory_analysis()
         seconds = time.perf_counter() - t
@@ -535,6 +556,7 @@ def main(argv=None) -> None:
     p.add_argument("--devices", type=_ints, default=None, help="fsdp sizes; default 1,2,4,8 (SD3), 4,8,16,32 (Flux)")
     p.add_argument("--budget", type=float, default=80e9, help="bytes per device")
     p.add_argument("--attention_chunk", type=int, default=0, help="queries per chunk of the chunked attention")
+    p.add_argument("--microbatches", type=int, default=1, help="gradient accumulation over this many slices")
     p.add_argument("--all", action="store_true", help="do not stop at the first fitting size")
     p = sub.add_parser("tiny_train_step", help="tiny Flux train step, d4k_jax vs torch")
     p.add_argument("--batch", type=int, default=2)
