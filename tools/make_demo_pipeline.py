@@ -47,6 +47,12 @@ LR = flags.DEFINE_float("vae_lr", 2e-3, "peak Adam learning rate (warmup, then c
 KL = flags.DEFINE_float("kl_weight", 1e-4, "KL weight against the per-pixel L1 loss")
 TRAIN_IMAGES = flags.DEFINE_integer("train_images", 8192, "demo images the VAE trains on (demo seed = --seed)")
 PREVIEW = flags.DEFINE_string("preview", "", "if set, a PNG of 8 held-out originals above their reconstructions")
+ONLY_TRANSFORMER = flags.DEFINE_bool(
+    "only_transformer",
+    False,
+    "flux: rewrite only transformer/ (and its README line) of the existing --out folder, keeping its trained VAE,"
+    " tokenizers and encoders",
+)
 
 SIZE = 64  # demo image size; the pipeline samples at this size
 HELD_OUT = 64  # held-out images, demo seed --seed + 1 (the tests use yet another seed)
@@ -64,8 +70,8 @@ VAE = VAEConfig(
 TRANSFORMER = {
     "_class_name": "FluxTransformer2DModel",
     "_diffusers_version": DIFFUSERS_VERSION,
-    "attention_head_dim": 24,
-    "axes_dims_rope": [4, 10, 10],
+    "attention_head_dim": 32,  # = sum(axes_dims_rope); width 4 x 32 = 128 (4 x 24 draws faint blobs in 3000 steps)
+    "axes_dims_rope": [8, 12, 12],
     "guidance_embeds": True,
     "in_channels": 4 * VAE.latent_channels,
     "joint_attention_dim": 32,  # T5 d_model
@@ -138,7 +144,7 @@ SD3_COMPONENTS = {
     "vae": ["diffusers", "AutoencoderKL"],
 }
 # Trained weights keep fp32; the random ones are a bf16 draw (the trainer reads them into fp32), which keeps
-# the folder near 6 MB.
+# the folder near 7.5 MB.
 RANDOM_DTYPE = "bfloat16"
 
 
@@ -327,7 +333,46 @@ def main(argv: list[str]) -> None:
     model, seed = MODEL.value, SEED.value
     out = Path(OUT.value or ("d4k_jax/data/demo_pipeline_sd3" if model == "sd3" else "d4k_jax/data/demo_pipeline"))
     log = lambda msg: print(msg, flush=True)
+    if ONLY_TRANSFORMER.value:
+        if model != "flux":
+            raise ValueError("--only_transformer rewrites the Flux demo's transformer/ only")
+        remake_transformer(out, seed, log)
+        return
     (make_sd3 if model == "sd3" else make_flux)(out, seed, log)
+
+
+def remake_transformer(out: Path, seed: int, log: Callable[[str], None]) -> None:
+    """Rewrites out/transformer/ from TRANSFORMER (the same seeded key as make_flux) and its README bullet."""
+    readme_path = out / "README.md"
+    if not (out / "vae" / "config.json").exists() or not readme_path.exists():
+        raise ValueError(f"{out} is not an existing Flux demo pipeline folder (make it without --only_transformer)")
+    flux_key = jax.random.split(jax.random.key(seed), 4)[3]  # make_flux's
+    if (out / "transformer").exists():
+        shutil.rmtree(out / "transformer")
+    count = export_random(TRANSFORMER, flux_key, out / "transformer")
+    load_component(out / "transformer")
+    check_pipeline(out, [c for _, c in demo_examples(2, SIZE, seed=seed + 1)])
+    text = readme_path.read_text()
+    start = text.index("- `transformer/`")
+    end = text.index("\n- ", start) + 1
+    readme_path.write_text(text[:start] + _bullet(transformer_item(count)) + "\n" + text[end:])
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    log(f"rewrote {out / 'transformer'} ({count:,} parameters); folder {size / 2**20:.2f} MiB")
+
+
+def transformer_item(count: int) -> str:
+    """The README's transformer/ bullet."""
+    t = TRANSFORMER
+    return (
+        f"`transformer/`: **random** seeded FluxTransformer2DModel initialisation ({count:,}"
+        f" parameters, {RANDOM_DTYPE}): {t['num_layers']} double + {t['num_single_layers']}"
+        f" single blocks, {t['num_attention_heads']} heads x {t['attention_head_dim']} (RoPE axes"
+        f" {t['axes_dims_rope']}), guidance embedding; the demo trainer trains it from here."
+    )
+
+
+def _bullet(item: str) -> str:
+    return textwrap.fill(item, 110, initial_indent="- ", subsequent_indent="  ", break_on_hyphens=False)
 
 
 def make_flux(out: Path, seed: int, log: Callable[[str], None]) -> None:
@@ -495,15 +540,10 @@ def readme(**f: Any) -> str:
         f"`text_encoder/` (CLIPTextModel, hidden 32, 2 layers, {f['clip_vocab']} tokens) and `text_encoder_2/`"
         f" (T5EncoderModel, d_model 32, 2 layers, gated-gelu, {f['t5_vocab']} tokens): **random**, seeded, meant"
         f" to stay frozen: a random projection of the tokens still tells the captions apart. {RANDOM_DTYPE} weights.",
-        f"`transformer/`: **random** seeded FluxTransformer2DModel initialisation ({f['counts']['transformer']:,}"
-        f" parameters, {RANDOM_DTYPE}): {TRANSFORMER['num_layers']} double + {TRANSFORMER['num_single_layers']}"
-        f" single blocks, {TRANSFORMER['num_attention_heads']} heads x {TRANSFORMER['attention_head_dim']},"
-        " guidance embedding; the demo trainer trains it from here.",
+        transformer_item(f["counts"]["transformer"]),
         "`scheduler/`: FLUX.1-dev's FlowMatchEulerDiscreteScheduler (dynamic shifting).",
     ]
-    bullets = "\n".join(
-        textwrap.fill(item, 110, initial_indent="- ", subsequent_indent="  ", break_on_hyphens=False) for item in items
-    )
+    bullets = "\n".join(_bullet(item) for item in items)
     return f"""# Demo pipeline (tiny FLUX.1 with an F16 VAE)
 
 A FLUX.1-dev-layout diffusers pipeline folder small enough to train on a CPU in minutes, for `make demo`
