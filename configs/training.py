@@ -41,7 +41,9 @@ def add_training(c: ml_collections.ConfigDict, arg: str | None) -> ml_collection
             steps=20_000,
             batch_size=PER_DEVICE_BATCH[model],  # per device; global = this x data x fsdp devices
             mesh={"data": 1, "fsdp": -1},  # FSDP over every device
-            microbatches=1,  # > 1: gradient accumulation over that many slices of the batch
+            # gradient accumulation, one image per device per pass: the 4096² activations, not the state, set
+            # the peak (compiled memory, BENCHMARKS.md): SD3 then fits one 80 GB device, Flux fsdp=8
+            microbatches=PER_DEVICE_BATCH[model],
             encode_passes=PER_DEVICE_BATCH[model],  # VAE-encode one image per device at a time
             remat="full",  # nn.stack.REMAT_POLICIES: full, dots, dots_no_batch, none
             lr=1e-6,
@@ -91,6 +93,7 @@ def add_training(c: ml_collections.ConfigDict, arg: str | None) -> ml_collection
             steps=3000,
             batch_size=16,
             mesh={"data": -1, "fsdp": 1},
+            microbatches=1,
             encode_passes=1,
             remat="none",
             lr=1e-3,

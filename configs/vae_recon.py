@@ -1,10 +1,14 @@
 """VAE reconstruction: encode images with the (F16) VAE and decode them back.
 
 python -m d4k_jax.reconstruct --config=configs/vae_recon.py --config.vae_path=FLUX/vae --workdir=DIR
-python -m d4k_jax.reconstruct --config=configs/vae_recon.py:tiny --workdir=DIR   # random tiny VAE, CPU
+python -m d4k_jax.reconstruct --config=configs/vae_recon.py:tiny --workdir=DIR   # the demo VAE, 64², CPU
 """
 
+from pathlib import Path
+
 import ml_collections
+
+DEMO_VAE = str(Path(__file__).resolve().parent.parent / "d4k_jax" / "data" / "demo_pipeline" / "vae")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -24,12 +28,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         {"enabled": False, "block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "norm_num_groups": 32}
     )
     if arg == "tiny":
-        c.random_vae.enabled = True  # no weights on a fresh machine: a random VAE, so the output is noise
-        c.random_vae.block_out_channels = (32, 32, 64, 64)
-        c.random_vae.layers_per_block = 1
-        c.random_vae.norm_num_groups = 8
+        c.vae_path = DEMO_VAE  # the small F16 VAE trained on the demo set (tools/make_demo_pipeline.py)
         c.num_images = 4
-        c.image_size = 128
+        c.image_size = 64
         c.dtype = "float32"
     elif arg:
         raise ValueError(f"unknown config variant {arg!r}; use configs/vae_recon.py or configs/vae_recon.py:tiny")

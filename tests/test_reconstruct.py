@@ -29,7 +29,7 @@ def test_demo_set_is_deterministic_and_captioned():
 def test_config_variants():
     full, tiny = vae_recon.get_config(), vae_recon.get_config("tiny")
     assert full.image_size == 4096 and full.stride == 2 and not full.random_vae.enabled
-    assert tiny.random_vae.enabled and tiny.image_size < 4096
+    assert not tiny.random_vae.enabled and tiny.vae_path.endswith("demo_pipeline/vae") and tiny.image_size < 4096
     with pytest.raises(ValueError, match="unknown config variant"):
         vae_recon.get_config("huge")
 
@@ -49,7 +49,7 @@ def test_reconstruct_folder_skips_corrupt_images(tmp_path):
     c.images, c.image_size, c.batch_size = str(images), 64, 2
     report = reconstruct.run(c, str(tmp_path / "out"))
     assert sorted(report["psnr"]) == ["im0", "im1"]
-    assert report["random_weights"] is True
+    assert report["random_weights"] is False and report["mean_psnr"] > 22  # the trained demo VAE
     out = np.asarray(Image.open(tmp_path / "out" / "recon_im0.png"))
     assert out.shape == (64, 128, 3)
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["mean_psnr"] == report["mean_psnr"]

@@ -109,6 +109,7 @@ def test_configs_carry_the_reference_recipe():
     for module, model, batch in ((flux_wlf, "flux", 4), (sd3_wlf, "sd3", 8)):
         c = module.get_config()
         assert (c.model, c.train.batch_size, c.train.lr, c.train.schedule) == (model, batch, 1e-6, "constant")
+        assert c.train.microbatches == c.train.encode_passes == batch  # one 4096² image per device per pass
         assert (c.train.steps, c.train.checkpoint_every, c.train.weight_decay, c.train.clip_norm) == (
             20_000,
             5_000,
@@ -124,5 +125,7 @@ def test_configs_carry_the_reference_recipe():
         )
         loss = train.loss_config(c)
         assert (loss.model, loss.timesteps, loss.level, loss.subband_weights) == (model, "reference", 1, None)
-    schedule = train.lr_schedule(flux_wlf.get_config("tiny").train)
-    assert float(schedule(0)) == 0.0 and float(schedule(30)) == pytest.approx(1e-3) and float(schedule(600)) < 1e-9
+    tiny = flux_wlf.get_config("tiny").train
+    schedule = train.lr_schedule(tiny)
+    assert float(schedule(0)) == 0.0 and float(schedule(tiny.warmup_steps)) == pytest.approx(tiny.lr)
+    assert float(schedule(tiny.steps)) < 1e-9
