@@ -41,6 +41,9 @@ def add_training(c: ml_collections.ConfigDict, arg: str | None) -> ml_collection
             steps=20_000,
             batch_size=PER_DEVICE_BATCH[model],  # per device; global = this x data x fsdp devices
             mesh={"data": 1, "fsdp": -1},  # FSDP over every device
+            # logical axis -> mesh axes, e.g. (("batch", ("data", "fsdp")), ("embed", "fsdp"), ...); None:
+            # d4k_jax.sharding.DEFAULT_RULES (batch over data x fsdp, params' embed axis over fsdp)
+            rules=ml_collections.config_dict.placeholder(tuple),
             # gradient accumulation, one image per device per pass: the 4096² activations, not the state, set
             # the peak (compiled memory, BENCHMARKS.md): SD3 then fits one 80 GB device, Flux fsdp=8
             microbatches=PER_DEVICE_BATCH[model],

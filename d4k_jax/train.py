@@ -49,7 +49,7 @@ def run(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[dict]:
         (workdir / "eval_prompts.txt").write_text("".join(p + "\n" for p in c.eval.prompts))  # for d4k_jax.sample
     path = base.pipeline_dir(c.pipeline or _missing("--config.pipeline (a diffusers or converted pipeline folder)"))
     mesh = sharding.make_mesh(dict(c.train.mesh))
-    rules = tuple(c.train.rules) if c.train.get("rules") else sharding.DEFAULT_RULES
+    rules = tuple((name, _axes(axes)) for name, axes in c.train.rules) if c.train.rules else sharding.DEFAULT_RULES
     global_batch = c.train.batch_size * mesh.shape["data"] * mesh.shape["fsdp"]
 
     data_dir = prepare_data(c, workdir)
@@ -113,6 +113,7 @@ def run(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[dict]:
         keep=c.train.keep,
         prepare=cache.prepare,
         hooks=[sampler.hook(c.train.steps)],
+        metadata=json.loads(c.to_json_best_effort()),
     )
     if int(trainer.state.step) == c.train.steps:
         finish(c, workdir, path, module, trainer.state.params)
@@ -259,6 +260,11 @@ def export_pipeline(source: Path, dst: Path, module: nn.Module, params: Any) -> 
 def _trainable(params: Any) -> Any:
     """Everything but SD3's fixed sincos position table (a buffer in diffusers)."""
     return traverse_util.path_aware_map(lambda path, _: path[-2:] != ("pos_embed", "pos_embed"), params)
+
+
+def _axes(axes):
+    """A rule's mesh axes as config files give them (str, None, or a list from JSON) -> str / tuple / None."""
+    return tuple(axes) if isinstance(axes, list | tuple) else axes
 
 
 def _pipeline_class(model: str):

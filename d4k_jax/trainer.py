@@ -120,10 +120,12 @@ class Trainer:
         keep: int = 2,
         prepare: Callable[[dict], dict] | None = None,
         hooks: Sequence[Hook] = (),
+        metadata: dict | None = None,
     ) -> list[dict]:
         """Train up to `num_steps` (resuming from the latest checkpoint); returns the logged metrics.
 
-        A SIGTERM (preemption) finishes the current step, saves a checkpoint and returns early.
+        A SIGTERM (preemption) finishes the current step, saves a checkpoint and returns early. `metadata`
+        (e.g. the run's config) is stored with the checkpoints (`CheckpointManager.metadata()`).
         """
         workdir = Path(workdir).absolute()
         workdir.mkdir(parents=True, exist_ok=True)
@@ -134,7 +136,9 @@ class Trainer:
         options = ocp.CheckpointManagerOptions(save_interval_steps=checkpoint_every, max_to_keep=keep)
         logged = []
         with (
-            ocp.CheckpointManager(workdir / "checkpoints", options=options, item_handlers=handlers) as manager,
+            ocp.CheckpointManager(
+                workdir / "checkpoints", options=options, item_handlers=handlers, metadata=metadata
+            ) as manager,
             MetricWriter(workdir) as writer,
             _Preemption() as preempted,
         ):

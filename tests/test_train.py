@@ -7,6 +7,7 @@ import signal
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from tiny_pipelines import flux_pipeline, sd3_pipeline
 
@@ -86,8 +87,11 @@ def test_sigterm_saves_a_checkpoint_and_stops(pipe_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train.SampleEval, "hook", hook)
     rows = train.run(c, tmp_path)
-    assert [r["step"] for r in rows] == [1, 2] and max(int(s) for s in os.listdir(tmp_path / "checkpoints")) == 2
+    assert [r["step"] for r in rows] == [1, 2]
+    assert max(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()) == 2
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+    with ocp.CheckpointManager(tmp_path / "checkpoints") as manager:  # the run's config travels with it
+        assert manager.metadata().custom_metadata["train"]["steps"] == 6
     monkeypatch.undo()
     assert [r["step"] for r in train.run(c, tmp_path)] == [3, 4, 5, 6]
 
@@ -96,6 +100,7 @@ def test_sd3_trains_with_cfg_eval_and_its_position_table_frozen(tmp_path):
     sd3_pipeline(tmp_path)
     c = _config(tmp_path / "sd3", steps=2, module=sd3_wlf)
     c.eval.every = 2
+    c.train.rules = (("batch", ["data", "fsdp"]), ("embed", None))  # replicated params, as a config file says
     rows = train.run(c, tmp_path / "work")
     assert [r["step"] for r in rows] == [1, 2] and np.isfinite(rows[-1]["loss"])
     assert (tmp_path / "work" / "samples" / "step_000002.png").is_file()
