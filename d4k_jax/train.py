@@ -191,7 +191,7 @@ class SampleEval:
             self.kwargs["negative_prompt_embeds"] = pipe.encode_prompt(negative, e.max_sequence_length)
         self.padded = padded
 
-    def __call__(self, step: int, params: Any) -> np.ndarray:
+    def __call__(self, params: Any) -> np.ndarray:
         self.pipe.transformer = (self.module, params)
         with nn.logical_axis_rules(self.rules):
             images = self.pipe(self.padded, **self.kwargs)
@@ -206,7 +206,7 @@ class SampleEval:
             if step != num_steps and not (self.c.eval.every and step % self.c.eval.every == 0):
                 return None
             t0 = time.perf_counter()
-            images = self(step, state.params)
+            images = self(state.params)
             writer.images(step, "samples", images)
             if jax.process_index() == 0:
                 (self.workdir / "samples").mkdir(exist_ok=True)

@@ -27,14 +27,24 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import app, flags
 from transformers import AutoTokenizer, CLIPTextConfig, T5Config
 
 from conversion import export_component, load_component
 from conversion.components import kind_for
 from d4k_jax.data.demo import COLORS, SHAPES, demo_examples
-from d4k_jax.models.vae import AutoencoderKL, VAEConfig, sample_posterior
+from d4k_jax.models.vae import AutoencoderKL
+from tools.demo_vae import (
+    DIFFUSERS_VERSION,
+    SIZE,
+    VAE,
+    images_of,
+    latent_stats,
+    psnr,
+    reconstruct,
+    train_vae,
+    vae_config,
+)
 from tools.tiny_tokenizers import clip_tokenizer, t5_tokenizer
 
 MODEL = flags.DEFINE_enum("model", "flux", ["flux", "sd3"], "FLUX.1 (trains the VAE) or SD3 (reuses --vae_from)")
@@ -54,19 +64,9 @@ ONLY_TRANSFORMER = flags.DEFINE_bool(
     " tokenizers and encoders",
 )
 
-SIZE = 64  # demo image size; the pipeline samples at this size
 HELD_OUT = 64  # held-out images, demo seed --seed + 1 (the tests use yet another seed)
 CLIP_LEN = 16  # the longest demo caption is 12 words = 14 CLIP tokens with start and end
 WORDS = ("a", "on", "background", "with", "small", *COLORS, *SHAPES)  # every word demo.py writes
-DIFFUSERS_VERSION = "0.42.1"
-VAE = VAEConfig(
-    latent_channels=8,
-    block_out_channels=(32, 64, 64),
-    layers_per_block=1,
-    norm_num_groups=8,
-    mid_block_add_attention=True,
-    stride=2,  # F16: 64x64 -> 8x8 (4 from the blocks, 2 from the strided conv_in)
-)
 TRANSFORMER = {
     "_class_name": "FluxTransformer2DModel",
     "_diffusers_version": DIFFUSERS_VERSION,
@@ -146,96 +146,6 @@ SD3_COMPONENTS = {
 # Trained weights keep fp32; the random ones are a bf16 draw (the trainer reads them into fp32), which keeps
 # the folder near 7.5 MB.
 RANDOM_DTYPE = "bfloat16"
-
-
-def images_of(examples: list[tuple[np.ndarray, str]]) -> np.ndarray:
-    """uint8 [N, S, S, 3] -> float32 in [-1, 1]."""
-    return np.stack([img for img, _ in examples]).astype(np.float32) / 127.5 - 1
-
-
-def train_vae(images: np.ndarray, key: jax.Array, log: Callable[[str], None]) -> dict:
-    """L1 of the decoded posterior sample + --kl_weight x KL(q || N(0, 1)) per element; Adam, warmup + cosine."""
-    vae = AutoencoderKL(VAE)
-    init_key, key = jax.random.split(key)
-    params = nn.unbox(jax.jit(vae.init)(init_key, jnp.zeros((1, SIZE, SIZE, 3)))["params"])
-    steps = STEPS.value
-    schedule = optax.warmup_cosine_decay_schedule(0.0, LR.value, min(100, steps // 10), steps, LR.value / 20)
-    opt = optax.adam(schedule)
-    state = opt.init(params)
-    kl_weight = KL.value
-
-    def loss_fn(p, x, k):
-        mean, logvar = vae.apply({"params": p}, x, method="encode")
-        y = vae.apply({"params": p}, sample_posterior(k, mean, logvar), method="decode")
-        kl = 0.5 * jnp.mean(mean**2 + jnp.exp(logvar) - 1 - logvar)
-        l1 = jnp.mean(jnp.abs(y - x))
-        return l1 + kl_weight * kl, (l1, kl)
-
-    @jax.jit
-    def step(p, s, x, k):
-        (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, x, k)
-        updates, s = opt.update(grads, s, p)
-        return optax.apply_updates(p, updates), s, aux
-
-    data = jnp.asarray(images)
-    start = time.time()
-    for i in range(steps):
-        k = jax.random.fold_in(key, i)
-        idx = jax.random.randint(jax.random.fold_in(k, 1), (BATCH.value,), 0, len(images))
-        params, state, (l1, kl) = step(params, state, data[idx], k)
-        if (i + 1) % 100 == 0 or i + 1 == steps:
-            log(f"vae step {i + 1}/{steps}: l1 {float(l1):.4f} kl {float(kl):.3f} ({time.time() - start:.0f} s)")
-    return params
-
-
-def reconstruct(vae: AutoencoderKL, params: Any, images: np.ndarray, batch: int = 32) -> np.ndarray:
-    """[-1, 1] images -> uint8 reconstructions through the posterior mean, as the pipeline would output them."""
-    fn = jax.jit(
-        lambda x: vae.apply({"params": params}, vae.apply({"params": params}, x, method="encode")[0], method="decode")
-    )
-    out = np.concatenate([np.asarray(fn(images[i : i + batch])) for i in range(0, len(images), batch)])
-    return np.round(np.clip(out / 2 + 0.5, 0, 1) * 255).astype(np.uint8)
-
-
-def psnr(originals: np.ndarray, recons: np.ndarray) -> float:
-    """Mean per-image PSNR (dB) of uint8 images."""
-    mse = ((originals.astype(np.float64) - recons.astype(np.float64)) ** 2).mean(axis=(1, 2, 3))
-    return float(np.mean(10 * np.log10(255.0**2 / np.maximum(mse, 1e-10))))
-
-
-def latent_stats(vae: AutoencoderKL, params: Any, images: np.ndarray, batch: int = 64) -> tuple[float, float]:
-    """(shift, scale) = (mean, 1 / std) of the posterior means over `images`, as the SD3 / Flux VAE configs."""
-    fn = jax.jit(lambda x: vae.apply({"params": params}, x, method="encode")[0])
-    means = np.concatenate([np.asarray(fn(images[i : i + batch])) for i in range(0, len(images), batch)])
-    return float(means.mean()), float(1 / means.std())
-
-
-def vae_config(shift: float, scale: float) -> dict[str, Any]:
-    """diffusers' AutoencoderKL config.json, plus the "stride": 2 that makes d4k_jax build the F16 VAE."""
-    n = len(VAE.block_out_channels)
-    return {
-        "_class_name": "AutoencoderKL",
-        "_diffusers_version": DIFFUSERS_VERSION,
-        "act_fn": "silu",
-        "block_out_channels": list(VAE.block_out_channels),
-        "down_block_types": ["DownEncoderBlock2D"] * n,
-        "force_upcast": True,
-        "in_channels": 3,
-        "latent_channels": VAE.latent_channels,
-        "latents_mean": None,
-        "latents_std": None,
-        "layers_per_block": VAE.layers_per_block,
-        "mid_block_add_attention": VAE.mid_block_add_attention,
-        "norm_num_groups": VAE.norm_num_groups,
-        "out_channels": 3,
-        "sample_size": SIZE,
-        "scaling_factor": round(scale, 4),
-        "shift_factor": round(shift, 4),
-        "up_block_types": ["UpDecoderBlock2D"] * n,
-        "use_post_quant_conv": False,
-        "use_quant_conv": False,
-        "stride": VAE.stride,
-    }
 
 
 def check_captions(out: Path, captions: list[str], t5_name: str = "tokenizer_2") -> int:
@@ -385,7 +295,7 @@ def make_flux(out: Path, seed: int, log: Callable[[str], None]) -> None:
     train = demo_examples(TRAIN_IMAGES.value, SIZE, seed=seed)
     held_out = demo_examples(HELD_OUT, SIZE, seed=seed + 1)
     start = time.time()
-    vae_params = train_vae(images_of(train), vae_key, log)
+    vae_params = train_vae(images_of(train), vae_key, log, STEPS.value, BATCH.value, LR.value, KL.value)
     vae_seconds = time.time() - start
     vae = AutoencoderKL(VAE)
     recons = reconstruct(vae, vae_params, images_of(held_out))
