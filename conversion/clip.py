@@ -25,7 +25,7 @@ def _layer_table() -> list[tuple[str, tuple[str, ...], Any]]:
     return out
 
 
-_LAYER = _layer_table()
+LAYER = _layer_table()  # one encoder layer's key map, shared with the vision tower (clip_vision.py)
 
 
 def config_from_transformers(cfg: Mapping[str, Any]) -> CLIPTextConfig:
@@ -80,7 +80,7 @@ def checkpoint_rules(
         copy(f"{p}final_layer_norm.bias", ("final_layer_norm", "bias")),
         *(
             stacked([rule(f"{p}encoder.layers.{i}.{name}", ("layers", *path)) for i in range(layers)])
-            for name, path, rule in _LAYER
+            for name, path, rule in LAYER
         ),
     ]
     if config.projection_dim is not None:

@@ -58,13 +58,13 @@ class CLIPTextOutput:
 
 
 class EncoderLayer(nn.Module):
-    config: CLIPTextConfig
+    config: CLIPTextConfig  # or clip_vision.CLIPVisionConfig: the layer reads only the fields both share
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """x [B, T, D], mask [B, 1, T, T] (True = attend) -> (x, x): the carry and the layer's output."""
+    def __call__(self, x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+        """x [B, T, D], mask [B, 1, T, T] (True = attend; None: all, the vision tower) -> (x, x): carry, output."""
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, t, d = x.shape
