@@ -12,7 +12,10 @@ TPU splash attention is not wired yet: TPUs take the chunked path.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+from collections.abc import Iterator
 from typing import Literal
 
 import jax
@@ -23,10 +26,24 @@ Implementation = Literal["cudnn", "chunked", "xla"]
 # Above this many score elements per (batch, head) the chunked form is used instead of "xla".
 _CHUNK_THRESHOLD = 4096 * 4096
 _CUDNN_MAX_HEAD_DIM = 128
+_FORCED: contextvars.ContextVar[Implementation | None] = contextvars.ContextVar("attention", default=None)
+
+
+@contextlib.contextmanager
+def forced(implementation: Implementation) -> Iterator[None]:
+    """Every attention traced inside uses `implementation` (FLOP counting traces the plain "xla" form, whose
+    matmuls are visible, where the backend would pick an opaque kernel)."""
+    token = _FORCED.set(implementation)
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
 
 
 def choose_implementation(q: jax.Array, k: jax.Array, *, has_bias: bool, has_mask: bool) -> Implementation:
     """Which kernel `dot_product_attention` uses for these shapes on the default backend."""
+    if (impl := _FORCED.get()) is not None:
+        return impl
     backend = jax.default_backend()
     head_dim = q.shape[-1]
     if backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and head_dim <= _CUDNN_MAX_HEAD_DIM and not has_bias:
