@@ -54,9 +54,9 @@ def _jaxpr_flops(jaxpr) -> int:
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
         if name == "dot_general":
-            (lc, _), (lb, _) = eqn.params["dimension_numbers"]
-            lhs, rhs = (v.aval.shape for v in eqn.invars)
-            contracted = math.prod(lhs[d] for d in lc)
+            (contracting, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            contracted = math.prod(lhs[d] for d in contracting)
             total += 2 * math.prod(eqn.outvars[0].aval.shape) * contracted
         elif name == "conv_general_dilated":
             rhs = eqn.invars[1].aval.shape

@@ -182,7 +182,7 @@ def train(args) -> None:
     batch = {k: jnp.asarray(rng.uniform(-1, 1, v.shape).astype(np.float32), v.dtype) for k, v in batch_shapes.items()}
     key = jax.random.key(2)
     times = []
-    for i in range(args.steps + 1):
+    for _ in range(args.steps + 1):
         t = time.perf_counter()
         state, metrics = compiled(state, batch, key, vae_params)
         metrics["loss"].block_until_ready()
