@@ -87,6 +87,10 @@ def add_training(c: ml_collections.ConfigDict, arg: str | None) -> ml_collection
             steps=c.sample.steps,
             guidance=c.sample.guidance,
             max_sequence_length=c.sample.max_sequence_length,
+            # computed on each evaluation's samples and logged as eval_<name>; the network metrics
+            # (clip, aesthetics) also need their weights below, else they are logged as not computed once
+            metrics="glcm,cr",
+            weights=dict(clip="", aesthetic_head="", aesthetic_clip=""),
         )
     )
     if arg == "tiny":

@@ -23,10 +23,10 @@ from tqdm import tqdm
 
 from d4k_jax import sharding
 from d4k_jax.data.demo import demo_examples
+from d4k_jax.metrics.images import IMAGE_SUFFIXES, center_crop
 from d4k_jax.models import vae as vae_lib
 
 SPATIAL = ("batch", "height", "width", "channels")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
 def load_vae(c: ml_collections.ConfigDict):
@@ -70,19 +70,28 @@ def load_images(c: ml_collections.ConfigDict) -> list[tuple[str, np.ndarray]]:
     return out
 
 
-def center_crop(img: Image.Image, size: int) -> np.ndarray:
-    """RGB, shorter side resized to `size` (bilinear), centre square crop."""
-    img = img.convert("RGB")
-    scale = size / min(img.size)
-    w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
-    img = img.resize((w, h), Image.BILINEAR)
-    left, top = (w - size) // 2, (h - size) // 2
-    return np.asarray(img.crop((left, top, left + size, top + size)))
-
-
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
     return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+def roundtrip_fn(module: vae_lib.AutoencoderKL, mesh, sample_posterior: bool):
+    """(params, uint8 images [B, S, S, 3], key) -> uint8 reconstructions: encode, the posterior mean (or a
+    sample), decode, in the module's dtype, every activation's rows sharded over `mesh`'s devices."""
+
+    def roundtrip(p, x, key):
+        mean, logvar = module.apply({"params": p}, x, method="encode")
+        z = vae_lib.sample_posterior(key, mean, logvar) if sample_posterior else mean
+        y = module.apply({"params": p}, z, method="decode").astype(jnp.float32)
+        return jnp.clip((y + 1.0) * 127.5, 0, 255).round().astype(jnp.uint8)
+
+    fn = sharding.sharded(roundtrip, mesh, sharding.DEFAULT_RULES, (None, SPATIAL, None), SPATIAL)
+
+    def run(params, images: np.ndarray, key: jax.Array) -> np.ndarray:
+        x = jnp.asarray(np.asarray(images, np.float32) / 127.5 - 1.0, module.dtype)
+        return np.asarray(fn(params, x, key))
+
+    return run
 
 
 def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -90,15 +99,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
     factor = module.config.downsample_factor
     if c.image_size % factor:
         raise ValueError(f"image_size {c.image_size} must be divisible by the VAE's factor {factor}")
-    mesh = sharding.make_mesh(dict(c.mesh))
-    rules = sharding.DEFAULT_RULES
-
-    def roundtrip(p, x, key):
-        mean, logvar = module.apply({"params": p}, x, method="encode")
-        z = vae_lib.sample_posterior(key, mean, logvar) if c.sample_posterior else mean
-        return module.apply({"params": p}, z, method="decode")
-
-    fn = sharding.sharded(roundtrip, mesh, rules, (None, SPATIAL, None), SPATIAL)
+    fn = roundtrip_fn(module, sharding.make_mesh(dict(c.mesh)), c.sample_posterior)
     images = load_images(c)
     out_dir = Path(workdir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -106,9 +107,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
     key = jax.random.key(c.seed)
     for start in tqdm(range(0, len(images), c.batch_size), desc="reconstruct", unit="batch"):
         batch = images[start : start + c.batch_size]
-        x = np.stack([img for _, img in batch]).astype(np.float32) / 127.5 - 1.0
-        y = fn(params, jnp.asarray(x, module.dtype), jax.random.fold_in(key, start))
-        y = np.asarray(jnp.clip((y.astype(jnp.float32) + 1.0) * 127.5, 0, 255).round().astype(jnp.uint8))
+        y = fn(params, np.stack([img for _, img in batch]), jax.random.fold_in(key, start))
         for (name, img), rec in zip(batch, y, strict=True):
             Image.fromarray(np.concatenate([img, rec], axis=1)).save(out_dir / f"recon_{name}.png")
             scores[name] = psnr(img, rec)

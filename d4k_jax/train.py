@@ -34,6 +34,7 @@ from ml_collections import config_flags
 from d4k_jax import checkpoint, plots, sharding
 from d4k_jax import train_step as ts
 from d4k_jax.data import aesthetic4k, demo, input_pipeline, text_cache
+from d4k_jax.metrics import suite
 from d4k_jax.pipelines import base
 from d4k_jax.trainer import Trainer
 
@@ -190,6 +191,18 @@ class SampleEval:
             negative = [c.sample.negative_prompt] * len(padded)
             self.kwargs["negative_prompt_embeds"] = pipe.encode_prompt(negative, e.max_sequence_length)
         self.padded = padded
+        names = [m for m in e.get("metrics", "").split(",") if m]
+        self.metrics = suite.Metrics(names, suite.Weights(**e.get("weights", {}))) if names else None
+        for name, reason in (self.metrics.not_computed if self.metrics else {}).items():
+            logging.warning("eval metric %s not computed: %s", name, reason)
+
+    def measure(self, images: np.ndarray) -> dict[str, float]:
+        """The configured metrics of one evaluation's samples, as eval_<name>; the ones not computed are left out."""
+        if self.metrics is None:
+            return {}
+        self.metrics.reset()
+        self.metrics.update(list(images), self.prompts)
+        return {f"eval_{k}": r["value"] for k, r in self.metrics.result().items() if "value" in r}
 
     def __call__(self, params: Any) -> np.ndarray:
         self.pipe.transformer = (self.module, params)
@@ -211,7 +224,7 @@ class SampleEval:
             if jax.process_index() == 0:
                 (self.workdir / "samples").mkdir(exist_ok=True)
                 plots.image_grid(images, self.workdir / "samples" / f"step_{step:06d}.png", 4, self.prompts)
-            return {"eval_seconds": time.perf_counter() - t0}
+            return {"eval_seconds": time.perf_counter() - t0, **self.measure(images)}
 
         return run
 

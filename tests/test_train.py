@@ -29,7 +29,7 @@ def _config(pipe_dir, steps=6, module=flux_wlf):
     c.pipeline, c.vae_stride = str(pipe_dir), 1  # the test pipeline's VAE is a stock F8 one
     c.data.update(resolution=32, demo_images=24)
     c.train.update(steps=steps, batch_size=1, log_every=1, checkpoint_every=3, text_length=12)
-    c.eval.update(every=3, height=32, width=32, steps=2, max_sequence_length=12, prompts=c.eval.prompts[:3])
+    c.eval.update(every=3, height=64, width=64, steps=2, max_sequence_length=12, prompts=c.eval.prompts[:3])
     return c
 
 
@@ -50,6 +50,7 @@ def test_train_writes_metrics_samples_and_a_loadable_pipeline(pipe_dir, straight
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert {"loss", "lr", "grad_norm", "step_time", "images_per_s"} <= set(rows[0])
     assert "eval_seconds" in rows[2] and "eval_seconds" not in rows[1]
+    assert rows[2]["eval_glcm"] > 0 and rows[2]["eval_cr"] > 1  # the detail metrics of the eval samples
     assert rows[0]["images_per_s"] > 0 and len(jax.devices()) == 8  # global batch 8: one image per device
     for name in ("loss_curve.png", "sample_grid.png", "samples/step_000003.png", "config.json"):
         assert (tmp_path / name).is_file(), name

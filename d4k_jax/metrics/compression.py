@@ -41,9 +41,11 @@ class CompressionRatio:
     def __init__(self) -> None:
         self.raw_bytes = 0
         self.jpeg_bytes = 0
+        self.count = 0
 
     def update(self, shape: tuple[int, ...], nbytes: int) -> None:
         """Adds one image of `shape` [H, W, 3] whose JPEG file has `nbytes` bytes."""
+        self.count += 1
         self.raw_bytes += int(np.prod(shape))
         self.jpeg_bytes += int(nbytes)
 

@@ -1,0 +1,200 @@
+"""Evaluate a folder of images with Diffusion-4K's metrics (REFERENCE.md §5); a JSON report and a table.
+
+Generated images (GLCM Score, Compression Ratio, FID, CLIPScore, Aesthetics; captions from
+IMAGES/metadata.jsonl, which `d4k_jax.sample` writes):
+  python -m d4k_jax.evaluate --images=OUT --reference=Aesthetic-4K/eval/size_2048/metadata.jsonl \
+      --metrics=glcm,cr,fid,clip,aesthetics --size=2048 --fid_weights=pt_inception-2015-12-05-6726825d.pth \
+      --clip=clip-vit-base-patch16 --aesthetic_head=sac+logos+ava1-l14-linearMSE.pth \
+      --aesthetic_clip=clip-vit-large-patch14 --out=report.json
+VAE reconstruction (paper Table 2: rFID, NMSE, PSNR, SSIM, LPIPS) of a folder of real images:
+  python -m d4k_jax.evaluate --images=DIR --vae=FLUX.1-dev/vae --stride=2 --size=4096 --fid_weights=... \
+      --lpips_backbone=vgg16-397923af.pth --lpips_heads=lpips/weights/v0.1/vgg.pth
+Metrics whose weights are not given are reported as not computed, with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+from tqdm import tqdm
+
+from d4k_jax.metrics import images as image_sets
+from d4k_jax.metrics import suite
+from d4k_jax.metrics.compression import QUALITY
+from d4k_jax.metrics.fid import FeatureStats, InceptionFeatures
+from d4k_jax.metrics.weights import MissingWeights
+
+PROTOCOL = {
+    "glcm": f"REFERENCE.md §5: the image's JPEG-q{QUALITY} file (JPEG inputs measured as saved), OpenCV "
+    "integer grayscale // 4, whole 64x64 patches, skimage graycomatrix (d 1-4, 4 angles, normed) + "
+    "shannon_entropy, mean over patches then images",
+    "cr": f"sum of H*W*3 over the sum of JPEG-q{QUALITY} file bytes (pooled over the set)",
+    "fid": "torch-fidelity Inception-v3 (2015-12-05) pool3, TF1 bilinear resize to 299; real images resized "
+    "(shorter side, bilinear) and centre-cropped to --size",
+    "clip": "100 * cos(image, caption) clamped at 0 per image, CLIPImageProcessor preprocessing, the first 77 "
+    "caption tokens (torchmetrics' cut), mean",
+    "aesthetics": "LAION improved aesthetic MLP on the L2-normalised CLIP ViT-L/14 image embedding, mean",
+    "rfid": "FID between the originals and their reconstructions (both at --size)",
+    "nmse": "per image ||x - x_hat||^2 / ||x||^2 with x in [0, 1], mean",
+    "psnr": "per image on uint8 RGB, data range 255 (skimage), mean",
+    "ssim": "per image, skimage structural_similarity(data_range=255, channel_axis=-1, 7x7 uniform window), mean",
+    "lpips": "lpips v0.1, spatial mean, inputs in [-1, 1], mean over images",
+}
+
+
+def reference_stats(paths: suite.Weights, reference: str, cache: str, size: int, batch_size: int, limit: int):
+    """The real set's Inception statistics: loaded from `cache` if it exists, else computed (and saved
+    there); None if there is no reference or no FID weights."""
+    if cache and Path(cache).is_file():
+        logging.info("FID reference statistics from %s", cache)
+        return FeatureStats.load(cache)
+    if not reference:
+        return None
+    try:
+        net = InceptionFeatures.from_file(paths.fid)
+    except MissingWeights:
+        return None  # reported by the metric itself
+    stats, items = FeatureStats(), image_sets.list_images(reference, limit)
+    for batch in tqdm(
+        image_sets.batches(items, batch_size, size), total=-(-len(items) // batch_size), desc="reference"
+    ):
+        stats.update(np.asarray(net(np.stack(batch.images))))
+    if cache:
+        stats.save(cache)
+    return stats
+
+
+def evaluate(
+    images: str,
+    metrics: list[str],
+    paths: suite.Weights,
+    *,
+    reference: str = "",
+    reference_cache: str = "",
+    size: int = 0,
+    batch_size: int = 8,
+    limit: int = 0,
+    vae: str = "",
+    stride: int = 2,
+    vae_dtype: str = "bfloat16",
+    sample_posterior: bool = False,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Runs the metrics over `images` (streamed); returns the report written by the CLI."""
+    t0 = time.perf_counter()
+    items = image_sets.list_images(images, limit)
+    if not size:  # the generated images' own size; every real image is cropped to it
+        size = min(next(image_sets.batches(items[:1], 1)).images[0].shape[:2])
+    stats = None
+    if "fid" in metrics:
+        stats = reference_stats(paths, reference, reference_cache, size, batch_size, limit)
+    acc = suite.Metrics(metrics, paths, stats)
+    total = -(-len(items) // batch_size)
+    seen = 0
+    if vae:
+        roundtrip, params = _vae_roundtrip(vae, stride, vae_dtype, sample_posterior)
+        key = jax.random.key(seed)
+        for i, batch in enumerate(tqdm(image_sets.batches(items, batch_size, size), total=total, desc="reconstruct")):
+            x = np.stack(batch.images)
+            acc.update_pairs(x, roundtrip(params, x, jax.random.fold_in(key, i)))
+            seen += len(x)
+    else:
+        for batch in tqdm(image_sets.batches(items, batch_size, keep_jpeg=True), total=total, desc="evaluate"):
+            acc.update(batch.images, [it.caption for it in batch.items], batch.jpeg)
+            seen += len(batch.images)
+    return {
+        "images": str(images),
+        "count": seen,
+        "skipped_unreadable": len(items) - seen,
+        "size": size,
+        "metrics": acc.result(),
+        "protocol": {m: PROTOCOL[m] for m in metrics}
+        | (
+            {"vae": f"{vae}, stride {stride}, {vae_dtype}, posterior {'sample' if sample_posterior else 'mean'}"}
+            if vae
+            else {}
+        ),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def _vae_roundtrip(path: str, stride: int, dtype: str, sample_posterior: bool):
+    import jax.numpy as jnp
+
+    from conversion import load_component
+    from d4k_jax import reconstruct, sharding
+
+    module, params = load_component(path, dtype=jnp.dtype(dtype), stride=stride)
+    mesh = sharding.make_mesh({"data": 1, "sequence": -1})
+    return reconstruct.roundtrip_fn(module, mesh, sample_posterior), params
+
+
+def table(report: dict[str, Any]) -> str:
+    rows = [f"{'metric':12s} {'value':>10s}  images"]
+    for name, r in report["metrics"].items():
+        if "value" in r:
+            rows.append(f"{name:12s} {r['value']:10.4f}  {r['count']}")
+        else:
+            rows.append(f"{name:12s} {'-':>10s}  not computed: {r['not_computed']}")
+    return "\n".join(rows)
+
+
+def main(argv) -> None:
+    del argv
+    f = flags.FLAGS
+    metrics = (
+        [m for m in f.metrics.split(",") if m]
+        if f.metrics
+        else list(suite.RECONSTRUCTION if f.vae else suite.GENERATION)
+    )
+    paths = suite.Weights(
+        f.fid_weights, f.clip, f.aesthetic_head, f.aesthetic_clip, f.lpips_backbone, f.lpips_heads, f.lpips_net
+    )
+    report = evaluate(
+        f.images, metrics, paths, reference=f.reference, reference_cache=f.fid_reference_stats, size=f.size,
+        batch_size=f.batch_size, limit=f.limit, vae=f.vae, stride=f.stride, vae_dtype=f.vae_dtype,
+        sample_posterior=f.sample_posterior, seed=f.seed,
+    )  # fmt: skip
+    Path(f.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(table(report))
+    print(f"{report['count']} images ({report['skipped_unreadable']} unreadable skipped); report: {f.out}")
+
+
+if __name__ == "__main__":
+    flags.DEFINE_string(
+        "images", None, "folder of images (captions from its metadata.jsonl) or a metadata.jsonl", required=True
+    )
+    flags.DEFINE_string("reference", "", "real images for FID: a folder or an Aesthetic-4K metadata.jsonl")
+    flags.DEFINE_string("fid_reference_stats", "", ".npz cache of the reference's Inception statistics")
+    flags.DEFINE_string(
+        "metrics",
+        "",
+        f"comma list; default {','.join(suite.GENERATION)} (with --vae: {','.join(suite.RECONSTRUCTION)})",
+    )
+    flags.DEFINE_integer(
+        "size", 0, "real / reconstructed images are resized and centre-cropped to size²; 0: the images' own"
+    )
+    flags.DEFINE_integer("batch_size", 8, "images per batch")
+    flags.DEFINE_integer("limit", 0, "use only the first N images (0: all)")
+    flags.DEFINE_string("out", "eval_report.json", "JSON report")
+    flags.DEFINE_string(
+        "fid_weights", "", "torch-fidelity's pt_inception-2015-12-05-6726825d.pth (or its .safetensors)"
+    )
+    flags.DEFINE_string("clip", "", "CLIP ViT-B/16 transformers folder (CLIPScore)")
+    flags.DEFINE_string("aesthetic_head", "", "sac+logos+ava1-l14-linearMSE.pth")
+    flags.DEFINE_string("aesthetic_clip", "", "CLIP ViT-L/14 transformers folder (Aesthetics)")
+    flags.DEFINE_string("lpips_backbone", "", "torchvision vgg16 / alexnet state dict (LPIPS)")
+    flags.DEFINE_string("lpips_heads", "", "lpips v0.1 linear heads (lpips/weights/v0.1/vgg.pth)")
+    flags.DEFINE_string("lpips_net", "vgg", "vgg or alex")
+    flags.DEFINE_string("vae", "", "VAE folder: run the reconstruction protocol on --images")
+    flags.DEFINE_integer("stride", 2, "2: the F16 VAE of Diffusion-4K; 1: the stock F8 VAE")
+    flags.DEFINE_string("vae_dtype", "bfloat16", "VAE compute dtype")
+    flags.DEFINE_boolean("sample_posterior", False, "decode a posterior sample instead of the mean")
+    flags.DEFINE_integer("seed", 0, "posterior sampling seed")
+    app.run(main)

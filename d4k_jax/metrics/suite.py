@@ -1,0 +1,142 @@
+"""The named metrics as streaming accumulators, shared by `d4k_jax.evaluate` and the training evaluation.
+
+A metric whose network weights are not configured is recorded as not computed with the reason, never
+scored with random weights. Results are `{name: {"value": float, "count": n}}` or
+`{name: {"not_computed": reason}}`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from d4k_jax.metrics import compression, glcm, recon
+from d4k_jax.metrics.fid import FeatureStats, InceptionFeatures, fid
+from d4k_jax.metrics.weights import MissingWeights
+
+GENERATION = ("glcm", "cr", "fid", "clip", "aesthetics")
+RECONSTRUCTION = ("rfid", "nmse", "psnr", "ssim", "lpips")
+
+
+@dataclasses.dataclass
+class Weights:
+    """User-supplied weight files; empty = not configured."""
+
+    fid: str = ""  # pt_inception-2015-12-05-6726825d.pth
+    clip: str = ""  # CLIP ViT-B/16 transformers folder
+    aesthetic_head: str = ""  # sac+logos+ava1-l14-linearMSE.pth
+    aesthetic_clip: str = ""  # CLIP ViT-L/14 transformers folder
+    lpips_backbone: str = ""  # torchvision vgg16 / alexnet state dict
+    lpips_heads: str = ""  # lpips v0.1 linear heads
+    lpips_net: str = "vgg"
+
+
+class Metrics:
+    """Accumulates `names` over batches: `update(images, captions)` for generated images, `update_pairs`
+    for (original, reconstruction) pairs. Networks load once, here."""
+
+    def __init__(self, names: Sequence[str], weights: Weights, reference: FeatureStats | None = None):
+        unknown = set(names) - set(GENERATION) - set(RECONSTRUCTION)
+        if unknown:
+            raise ValueError(f"unknown metrics {sorted(unknown)}; known: {GENERATION + RECONSTRUCTION}")
+        self.names, self.reference = list(names), reference
+        self.not_computed: dict[str, str] = {}
+        self.nets = {}
+        self.reset()
+        loaders = {
+            "fid": lambda: InceptionFeatures.from_file(weights.fid),
+            "rfid": lambda: InceptionFeatures.from_file(weights.fid),
+            "clip": lambda: _clip_score().from_pretrained(weights.clip),
+            "aesthetics": lambda: _aesthetics().from_files(weights.aesthetic_head, weights.aesthetic_clip),
+            "lpips": lambda: _lpips().from_files(weights.lpips_backbone, weights.lpips_heads, net=weights.lpips_net),
+        }
+        for name in self.names:
+            if name in loaders:
+                try:
+                    self.nets[name] = loaders[name]()
+                except MissingWeights as e:
+                    self.not_computed[name] = str(e)
+        if "fid" in self.names and reference is None and "fid" not in self.not_computed:
+            self.not_computed["fid"] = "no reference images (--reference) or statistics (--fid_reference_stats)"
+
+    def reset(self) -> None:
+        """Empties the accumulators (the networks stay loaded), e.g. between training evaluations."""
+        self.values: dict[str, list[float]] = {n: [] for n in self.names}
+        self.ratio = compression.CompressionRatio()
+        self.stats = {k: FeatureStats() for k in ("generated", "original", "reconstructed")}
+
+    def _on(self, name: str) -> bool:
+        return name in self.names and name not in self.not_computed
+
+    def update(self, images: Sequence[np.ndarray], captions: Sequence[str | None] | None = None, jpeg=None) -> None:
+        """Generated uint8 images [H, W, 3]; `jpeg[i]`, where given, is image i's saved JPEG file (measured
+        as it is, as the reference measures its saved files); other images are saved at q95 first."""
+        if self._on("glcm") or self._on("cr"):
+            for i, image in enumerate(images):
+                data = (jpeg[i] if jpeg else None) or compression.jpeg_bytes(image)
+                self.ratio.update(image.shape, len(data))
+                if self._on("glcm") and min(image.shape[:2]) < glcm.PATCH:
+                    self.not_computed["glcm"] = f"images of {image.shape[0]}x{image.shape[1]} hold no 64x64 patch"
+                if self._on("glcm"):
+                    self.values["glcm"] += glcm.glcm_scores([compression.decode_jpeg(data)], jpeg=False).tolist()
+        if self._on("fid"):
+            self.stats["generated"].update(np.asarray(self.nets["fid"](np.stack(images))))
+        if self._on("clip"):
+            if captions is None or any(c is None for c in captions):
+                self.not_computed["clip"] = "no captions (a metadata.jsonl with 'text' beside the images)"
+            else:
+                self.values["clip"] += self.nets["clip"].scores(list(images), list(captions)).tolist()
+        if self._on("aesthetics"):
+            self.values["aesthetics"] += self.nets["aesthetics"].scores(list(images)).tolist()
+
+    def update_pairs(self, originals: np.ndarray, reconstructions: np.ndarray) -> None:
+        """uint8 [B, S, S, 3] originals and their reconstructions."""
+        for name, fn in (("psnr", recon.psnr), ("ssim", recon.ssim), ("nmse", recon.nmse)):
+            if self._on(name):
+                self.values[name] += np.asarray(fn(originals, reconstructions), np.float64).tolist()
+        if self._on("lpips"):
+            self.values["lpips"] += np.asarray(self.nets["lpips"](originals, reconstructions)).tolist()
+        if self._on("rfid"):
+            self.stats["original"].update(np.asarray(self.nets["rfid"](originals)))
+            self.stats["reconstructed"].update(np.asarray(self.nets["rfid"](reconstructions)))
+
+    def result(self) -> dict[str, dict]:
+        out = {}
+        for name in self.names:
+            if name in self.not_computed:
+                out[name] = {"not_computed": self.not_computed[name]}
+            elif name == "cr":
+                count = self.ratio.count
+                out[name] = {"value": self.ratio.value, "count": count} if count else {"not_computed": "no images"}
+            elif name in ("fid", "rfid"):
+                pair = ("generated", None) if name == "fid" else ("original", "reconstructed")
+                a, b = self.stats[pair[0]], self.stats[pair[1]] if pair[1] else self.reference
+                if min(a.count, b.count) < 2:
+                    out[name] = {"not_computed": f"needs 2 or more images per set (have {a.count}, {b.count})"}
+                else:
+                    out[name] = {"value": fid(a, b), "count": a.count}
+            else:
+                v = self.values[name]
+                out[name] = {"value": float(np.mean(v)), "count": len(v)} if v else {"not_computed": "no images"}
+        return out
+
+
+# the network metrics import transformers-side code; loaded only when asked for
+def _clip_score():
+    from d4k_jax.metrics.clip_score import CLIPScore
+
+    return CLIPScore
+
+
+def _aesthetics():
+    from d4k_jax.metrics.aesthetic import Aesthetics
+
+    return Aesthetics
+
+
+def _lpips():
+    from d4k_jax.metrics.lpips import LPIPSMetric
+
+    return LPIPSMetric
