@@ -10,27 +10,14 @@ without torch; a .pth/.pt only with `torch.load(weights_only=True)`.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 
-from conversion.load import _load_pickle
+from conversion.load import read_state_dict
 from conversion.rules import dense, to_flax
-from conversion.safetensors_io import TensorSource
 
 WIDTHS = (768, 1024, 128, 64, 16, 1)  # CLIP ViT-L/14 image embedding -> score
 INDICES = (0, 2, 4, 6, 7)  # the Linear layers' positions in the Sequential
-
-
-def read_state_dict(path: str | os.PathLike) -> Mapping[str, np.ndarray]:
-    """A .safetensors file (no torch needed) or a torch .pth/.pt/.bin state dict (weights_only=True)."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        return TensorSource([path])
-    if path.suffix in (".pth", ".pt", ".bin"):
-        return _load_pickle(path)
-    raise ValueError(f"{path}: expected the aesthetic head as a .pth or .safetensors file")
 
 
 def load_head(path: str | os.PathLike) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -39,5 +26,6 @@ def load_head(path: str | os.PathLike) -> list[tuple[np.ndarray, np.ndarray]]:
     shapes = {}
     for i, d_in, d_out in zip(INDICES, WIDTHS[:-1], WIDTHS[1:], strict=True):
         shapes |= {(f"layers_{i}", "kernel"): (d_in, d_out), (f"layers_{i}", "bias"): (d_out,)}
-    flat = to_flax(read_state_dict(path), rules, shapes, what=f"{path} (LAION aesthetic predictor head)")
+    source = read_state_dict(path, "the aesthetic head")
+    flat = to_flax(source, rules, shapes, what=f"{path} (LAION aesthetic predictor head)")
     return [(flat[(f"layers_{i}", "kernel")], flat[(f"layers_{i}", "bias")]) for i in INDICES]

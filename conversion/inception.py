@@ -22,8 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from conversion.load import read_state_dict
 from conversion.rules import Rule, conv, copy, linear, to_flax, to_torch
-from conversion.safetensors_io import TensorSource, save_file
+from conversion.safetensors_io import save_file
 from d4k_jax.models.inception import INPUT_SIZE, InceptionV3
 
 Shapes = dict[tuple[str, ...], tuple[int, ...]]
@@ -63,25 +64,13 @@ def checkpoint_rules(shapes: Mapping[tuple[str, ...], tuple[int, ...]], keys: Co
     return rules
 
 
-def read_state_dict(path: str | os.PathLike) -> Mapping[str, np.ndarray]:
-    """A .pth (torch.load with weights_only=True: no arbitrary unpickling) or .safetensors state dict."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        return TensorSource([path])
-    if path.suffix in (".pth", ".pt", ".bin"):
-        from conversion.load import _load_pickle  # imports torch
-
-        return _load_pickle(path)
-    raise ValueError(f"{path}: expected the FID Inception weights as a .pth or .safetensors file")
-
-
 def load_inception(
     path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32
 ) -> tuple[InceptionV3, dict]:
     """(module, variables) for `module.apply(variables, images)`; strict about every key and shape."""
     module = InceptionV3(dtype=dtype, param_dtype=param_dtype)
     shapes = variable_shapes(module)
-    source = read_state_dict(path)
+    source = read_state_dict(path, "the FID Inception weights")
     flat = to_flax(source, checkpoint_rules(shapes, frozenset(source)), shapes, what=str(path))
     # Running statistics stay float32: they are tiny and bf16 would shift every BatchNorm.
     cast = {p: jnp.asarray(a, param_dtype if p[0] == "params" else jnp.float32) for p, a in flat.items()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,17 @@ def open_weights(folder: Path) -> TensorSource:
             return _load_pickle(pickles[0])
         raise FileNotFoundError(f"{folder}: no *.safetensors weights (and {len(pickles)} .bin/.pt files)")
     raise ValueError(f"{folder}: several safetensors files and no index: {[f.name for f in files]}")
+
+
+def read_state_dict(path: str | os.PathLike, what: str = "weights") -> Mapping[str, np.ndarray]:
+    """One weights file: .safetensors (no torch needed, read lazily) or a torch .pth/.pt/.bin state dict
+    (torch.load with weights_only=True: no arbitrary unpickling). `what` names the file in errors."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return TensorSource([path])
+    if path.suffix in (".pth", ".pt", ".bin"):
+        return _load_pickle(path)
+    raise ValueError(f"{path}: expected {what} as a .safetensors or .pth/.pt/.bin file")
 
 
 def _load_pickle(file: Path) -> dict[str, np.ndarray]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -18,9 +17,8 @@ import numpy as np
 from flax import traverse_util
 
 from conversion.components import param_shapes
-from conversion.load import _load_pickle
+from conversion.load import read_state_dict
 from conversion.rules import Rule, conv, copy, to_flax, to_torch
-from conversion.safetensors_io import TensorSource
 from d4k_jax.models.lpips import LPIPS, conv_indices, tap_count
 
 # The backbone file's ImageNet classifier: LPIPS never uses it, so its keys are read past, not "unexpected".
@@ -52,16 +50,6 @@ def head_rules(net: str) -> list[Rule]:
     ]
 
 
-def read_state_dict(path: str | os.PathLike) -> Mapping[str, np.ndarray]:
-    """A .safetensors file (no torch needed) or a torch .pth/.pt/.bin state dict (weights_only=True)."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        return TensorSource([path])
-    if path.suffix in (".pth", ".pt", ".bin"):
-        return _load_pickle(path)
-    raise ValueError(f"{path}: expected a .safetensors or .pth/.pt/.bin weights file")
-
-
 def param_shapes_for(net: str) -> dict[tuple[str, ...], tuple[int, ...]]:
     """{path: shape} of every LPIPS parameter for `net` (no memory used)."""
     x = jnp.zeros((1, 64, 64, 3), jnp.float32)  # shapes do not depend on the size; AlexNet needs >= 31
@@ -83,7 +71,12 @@ def to_params(
 
 def load_params(backbone: str | os.PathLike, heads: str | os.PathLike, net: str = "vgg") -> dict:
     """The Flax params of `LPIPS(net)` from a torchvision backbone file and an lpips heads file."""
-    return to_params(read_state_dict(backbone), read_state_dict(heads), net, what=(str(backbone), str(heads)))
+    return to_params(
+        read_state_dict(backbone, "the LPIPS backbone"),
+        read_state_dict(heads, "the LPIPS heads"),
+        net,
+        what=(str(backbone), str(heads)),
+    )
 
 
 def to_state_dicts(params: Mapping, net: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
