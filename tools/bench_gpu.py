@@ -161,7 +161,10 @@ def train(args) -> None:
     vae_small = (jnp.zeros((1, 32, 32, 3), dtype),)
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
     sds = jax.ShapeDtypeStruct
-    batch_shapes = {"image": sds((b, s, s, 3), jnp.float32), "text": sds((b, text_len, 4096), dtype)}
+    if args.latents:  # precomputed latents: no VAE in the step (how much of the step the encode takes)
+        vae = vae_small = None
+    first = {"x0": sds((b, h, h, 16), jnp.float32)} if args.latents else {"image": sds((b, s, s, 3), jnp.float32)}
+    batch_shapes = {**first, "text": sds((b, text_len, 4096), dtype)}
     batch_shapes["pooled"] = sds((b, pooled_dim), dtype)
     t = time.perf_counter()
     lowered, state_abs = train_step_lowered(
@@ -177,7 +180,7 @@ def train(args) -> None:
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
         state = jax.jit(make_state, out_shardings=jax.tree.map(lambda x: x.sharding, state_abs))(jax.random.key(0))
-        vae_params = jax.jit(lambda k: nn.unbox(vae.init(k, *vae_small))["params"])(jax.random.key(1))
+        vae_params = jax.jit(lambda k: nn.unbox(vae.init(k, *vae_small))["params"])(jax.random.key(1)) if vae else None
     rng = np.random.default_rng(0)
     batch = {k: jnp.asarray(rng.uniform(-1, 1, v.shape).astype(np.float32), v.dtype) for k, v in batch_shapes.items()}
     key = jax.random.key(2)
@@ -208,6 +211,7 @@ def train(args) -> None:
             batch=b,
             microbatches=args.microbatches,
             remat=args.remat,
+            vae_in_step=not args.latents,
             step_s=step_s,
             images_per_s=b / step_s,
             model_tflops_per_step=model_flops / 1e12,
@@ -307,6 +311,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--microbatches", type=int, default=8)
     parser.add_argument("--remat", default="full")
+    parser.add_argument("--latents", action="store_true", help="train on precomputed latents (no VAE encode)")
     parser.add_argument("--layers", type=int, default=0, help="shrink the transformer (dry runs)")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
