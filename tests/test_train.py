@@ -101,11 +101,12 @@ def test_sigterm_saves_a_checkpoint_and_stops(pipe_dir, tmp_path, monkeypatch):
 def test_sd3_trains_with_cfg_eval_and_its_position_table_frozen(tmp_path):
     sd3_pipeline(tmp_path)
     c = _config(tmp_path / "sd3", steps=2, module=sd3_wlf)
-    c.eval.every = 2
+    c.eval.update(every=2, height=32, width=32)  # the tiny SD3's position table stops at 24x24 latents
     c.train.rules = (("batch", ["data", "fsdp"]), ("embed", None))  # replicated params, as a config file says
     rows = train.run(c, tmp_path / "work")
     assert [r["step"] for r in rows] == [1, 2] and np.isfinite(rows[-1]["loss"])
     assert (tmp_path / "work" / "samples" / "step_000002.png").is_file()
+    assert "eval_cr" in rows[-1] and "eval_glcm" not in rows[-1]  # 32² samples hold no 64x64 GLCM patch
     trained = SD3Pipeline.from_pretrained(tmp_path / "work" / "pipeline", dtype=np.float32).transformer[1]
     start = SD3Pipeline.from_pretrained(tmp_path / "sd3", dtype=np.float32).transformer[1]
     np.testing.assert_array_equal(trained["pos_embed"]["pos_embed"], start["pos_embed"]["pos_embed"])
