@@ -514,47 +514,6 @@ def train_memory(args) -> None:
             break
 
 
-def glcm(args) -> None:
-    """GLCM Score images/s at args.size²: d4k_jax's batched JAX vs the reference's per-patch Python loop
-    (skimage graycomatrix + shannon_entropy, as Diffusion-4K evaluates), on the same grayscale images; the
-    JPEG-q95 round trip both share is timed apart."""
-    import jax
-    import numpy as np
-    from skimage.feature import graycomatrix
-    from skimage.measure import shannon_entropy
-
-    from d4k_jax.metrics import compression
-    from d4k_jax.metrics import glcm as glcm_lib
-
-    rng = np.random.default_rng(0)
-    y, x = np.mgrid[0 : args.size, 0 : args.size] / args.size
-    base = 127 + 100 * np.sin(40 * x * y)[..., None] * np.array([1.0, 0.8, 0.6])  # texture, not pure noise
-    images = [np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8) for _ in range(args.batch)]
-    t = time.perf_counter()
-    decoded = [compression.jpeg_round_trip(im)[0] for im in images]
-    jpeg_s = (time.perf_counter() - t) / args.batch
-    gray = np.stack([np.asarray(glcm_lib.opencv_gray(im)) for im in decoded])
-
-    def reference():
-        for g in gray // 4:
-            np.mean(
-                [
-                    shannon_entropy(
-                        graycomatrix(g[i : i + 64, j : j + 64], [1, 2, 3, 4], glcm_lib.ANGLES, 64, normed=True)
-                    )
-                    for i in range(0, args.size, 64)
-                    for j in range(0, args.size, 64)
-                ]
-            )
-
-    ours = lambda: glcm_lib.glcm_scores_gray(gray).block_until_ready()
-    ours()  # compile
-    for name, run, repeats in (("d4k_jax (JAX)", ours, args.repeats), ("reference loop", reference, 1)):
-        seconds = _timings(run, repeats, warmup=0) / args.batch
-        print(f"{name:15s} GLCM at {args.size}² on {jax.devices()[0].device_kind}: {1 / seconds:.2f} images/s")
-    print(f"JPEG-q95 round trip (PIL, shared by both): {1 / jpeg_s:.2f} images/s")
-
-
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",")]
 
@@ -602,10 +561,6 @@ def main(argv=None) -> None:
     p = sub.add_parser("tiny_train_step", help="tiny Flux train step, d4k_jax vs torch")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--repeats", type=int, default=10)
-    p = sub.add_parser("glcm", help="GLCM Score images/s, d4k_jax vs the reference loop")
-    p.add_argument("--size", type=int, default=2048)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     if args.cmd == "train_memory" and args.devices is None:
         args.devices = [1, 2, 4, 8] if args.model == "sd3" else [4, 8, 16, 32]
@@ -621,7 +576,6 @@ def main(argv=None) -> None:
         tiny_steps=tiny_steps,
         pipeline_memory=pipeline_memory,
         train_memory=train_memory,
-        glcm=glcm,
     )
     commands[args.cmd](args)
 

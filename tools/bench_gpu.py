@@ -3,7 +3,6 @@
     python -m tools.bench_gpu sample --model=sd3|flux [--size=4096 --steps=4]   # s/step, peak memory
     python -m tools.bench_gpu train --model=sd3 [--batch=8 --microbatches=8]   # step time, images/s, MFU
     python -m tools.bench_gpu torch_sample --model=sd3|flux                     # diffusers on the same GPU
-    python -m tools.bench_gpu glcm [--size=2048 --batch=8]                      # GLCM Score images/s
 
 `--layers=N` shrinks the transformer (a dry run on a CPU); `--out=FILE` appends one JSON line per result.
 Sampling excludes the text encoders (the pipelines release them before denoising) and includes the F16
@@ -283,29 +282,11 @@ def torch_sample(args) -> None:
     )  # fmt: skip
 
 
-def glcm(args) -> None:
-    import jax
-    import numpy as np
-
-    from d4k_jax.metrics import glcm as glcm_lib
-
-    rng = np.random.default_rng(0)
-    gray = rng.integers(0, 256, (args.batch, args.size, args.size), dtype=np.uint8)
-    scores = jax.jit(glcm_lib.glcm_scores_gray)
-    scores(gray).block_until_ready()
-    seconds = _median_time(lambda: scores(gray).block_until_ready(), args.repeats)
-    _report(
-        args,
-        dict(bench="glcm", device=jax.devices()[0].device_kind, size=args.size, batch=args.batch,
-             images_per_s=args.batch / seconds),
-    )  # fmt: skip
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("cmd", choices=["sample", "train", "torch_sample", "glcm"])
+    parser.add_argument("cmd", choices=["sample", "train", "torch_sample"])
     parser.add_argument("--model", choices=["sd3", "flux"], default="sd3")
-    parser.add_argument("--size", type=int, default=0, help="default 4096 (glcm: 2048)")
+    parser.add_argument("--size", type=int, default=0, help="default 4096")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8)
@@ -315,8 +296,8 @@ def main(argv=None) -> None:
     parser.add_argument("--layers", type=int, default=0, help="shrink the transformer (dry runs)")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
-    args.size = args.size or (2048 if args.cmd == "glcm" else 4096)
-    dict(sample=sample, train=train, torch_sample=torch_sample, glcm=glcm)[args.cmd](args)
+    args.size = args.size or 4096
+    dict(sample=sample, train=train, torch_sample=torch_sample)[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ part() {  # part SECONDS ARGS...: one bench_gpu run
 part "${TRAIN_S:-160}" train --model=sd3 --batch=8 --microbatches=8 --steps=2
 part "${SAMPLE_S:-70}" sample --model=sd3 --steps=4
 part "${FLUX_S:-90}" sample --model=flux --steps=4
-part 35 glcm --size=2048 --batch=8
+echo "== glcm" | tee -a "$OUT/log.txt"; timeout 60 python3 -m tools.bench_glcm --batch=8 2>&1 | tail -n 3 | tee -a "$OUT/log.txt"
 part 45 torch_sample --model=sd3 --steps=4
 part 60 torch_sample --model=flux --steps=4
 echo "== results" && cat "$OUT/results.jsonl"
