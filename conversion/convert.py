@@ -20,7 +20,7 @@ from absl import app, flags, logging
 from conversion.components import KINDS, class_name
 from conversion.export import STORAGE_DTYPES, export_component
 from conversion.load import PARAMS_DIR, load_config, load_with_config
-from d4k_jax import checkpoint
+from d4k_jax import checkpoint, cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("src", None, "diffusers/transformers pipeline or component folder, or a converted one")
@@ -100,4 +100,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, config_flag=None)

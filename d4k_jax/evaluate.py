@@ -21,9 +21,10 @@ from typing import Any
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from tqdm import tqdm
 
+from d4k_jax import cli
 from d4k_jax.metrics import images as image_sets
 from d4k_jax.metrics import suite
 from d4k_jax.metrics.compression import QUALITY
@@ -197,4 +198,4 @@ if __name__ == "__main__":
     flags.DEFINE_string("vae_dtype", "bfloat16", "VAE compute dtype")
     flags.DEFINE_boolean("sample_posterior", False, "decode a posterior sample instead of the mean")
     flags.DEFINE_integer("seed", 0, "posterior sampling seed")
-    app.run(main)
+    cli.run(main, config_flag=None)

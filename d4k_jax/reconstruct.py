@@ -16,12 +16,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 from PIL import Image
 from tqdm import tqdm
 
-from d4k_jax import sharding
+from d4k_jax import cli, sharding
 from d4k_jax.data.demo import demo_examples
 from d4k_jax.metrics.images import IMAGE_SUFFIXES, center_crop
 from d4k_jax.models import vae as vae_lib
@@ -132,4 +132,4 @@ if __name__ == "__main__":
     # flags are defined only when run as a program, so that tests can import several CLIs
     _CONFIG = config_flags.DEFINE_config_file("config", "configs/vae_recon.py", "reconstruction config")
     _WORKDIR = flags.DEFINE_string("workdir", None, "output folder", required=True)
-    app.run(main)
+    cli.run(main)

@@ -25,7 +25,7 @@ from ml_collections import config_flags
 from PIL import Image
 from tqdm import tqdm
 
-from d4k_jax import sharding
+from d4k_jax import cli, sharding
 from d4k_jax.pipelines import base
 
 
@@ -175,4 +175,4 @@ if __name__ == "__main__":
     _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/flux_wlf.py or configs/sd3_wlf.py")
     _PROMPTS = flags.DEFINE_string("prompts", None, "prompt file: .txt (one per line) or metadata.jsonl", required=True)
     _OUTDIR = flags.DEFINE_string("outdir", None, "output folder", required=True)
-    app.run(main)
+    cli.run(main)

@@ -27,11 +27,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import app, flags, logging
+from absl import flags, logging
 from flax import traverse_util
 from ml_collections import config_flags
 
-from d4k_jax import checkpoint, plots, sharding
+from d4k_jax import checkpoint, cli, plots, sharding
 from d4k_jax import train_step as ts
 from d4k_jax.data import aesthetic4k, demo, input_pipeline, text_cache
 from d4k_jax.metrics import suite
@@ -316,4 +316,4 @@ if __name__ == "__main__":
     _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/flux_wlf.py[:tiny] or configs/sd3_wlf.py")
     _WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, metrics, samples; rerun to resume", required=True)
     flags.mark_flag_as_required("config")
-    app.run(main)
+    cli.run(main)

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
+from d4k_jax import cli
 from d4k_jax.data.aesthetic4k import build
 
 
@@ -30,4 +31,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    cli.run(main, config_flag=None)
