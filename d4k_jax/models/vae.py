@@ -250,8 +250,10 @@ def _check_channels(what: str, x: jax.Array, channels: int) -> None:
 
 
 def sample_posterior(key: jax.Array, mean: jax.Array, logvar: jax.Array) -> jax.Array:
-    """z = mean + std * eps, as diffusers' DiagonalGaussianDistribution.sample (training encodes this)."""
-    return mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
+    """z = mean + std * eps, as diffusers' DiagonalGaussianDistribution.sample (training encodes this). eps is
+    drawn in float32 and cast to the mean's dtype, as torch.randn does: a bfloat16 draw has 128 values."""
+    eps = jax.random.normal(key, mean.shape, jnp.float32).astype(mean.dtype)
+    return mean + jnp.exp(0.5 * logvar) * eps
 
 
 def normalize_latents(z: jax.Array, config: VAEConfig, *, use_shift: bool = True) -> jax.Array:

@@ -23,7 +23,12 @@ def load(path: Path, name: str, dtype: Any, **overrides):
 
 
 def pipeline_dir(path: str | os.PathLike) -> Path:
+    """`path` as a Path, or an error naming it when it is not a pipeline folder (one with model_index.json)."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"pipeline folder {path} does not exist (expected a diffusers pipeline folder)")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{path} is a file; expected a diffusers pipeline folder (with model_index.json)")
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(f"{path}: not a pipeline folder (no model_index.json)")
     return path
@@ -37,8 +42,9 @@ def latent_shape(batch: int, height: int, width: int, factor: int, channels: int
 
 
 def initial_noise(seed: int, shape: tuple[int, ...], dtype: Any) -> jax.Array:
-    """Standard normal noise from one seed (same seed, same noise), drawn in the compute dtype."""
-    return jax.random.normal(jax.random.key(seed), shape, dtype)
+    """Standard normal noise from one seed (same seed, same noise), drawn in float32 and cast to `dtype`
+    (as torch.randn(dtype=bfloat16) does): drawn in bfloat16 it would hold only 128 distinct values, |z| <= 2.89."""
+    return jax.random.normal(jax.random.key(seed), shape, jnp.float32).astype(dtype)
 
 
 def decode(vae: AutoencoderKL, vae_params: Any, latents: jax.Array) -> jax.Array:
