@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from d4k_jax.data import demo
+from d4k_jax.diffusion.flow import SchedulerConfig
 from d4k_jax.pipelines.flux import FluxPipeline
 from d4k_jax.pipelines.sd3 import SD3Pipeline
 
@@ -27,6 +28,7 @@ def test_samples_demo_images(pipe):
     images = pipe(captions, height=64, width=64, num_inference_steps=2, max_sequence_length=16)
     assert images.shape == (3, 64, 64, 3) and images.dtype == jnp.uint8
     assert pipe.vae[0].config.stride == 2 and pipe.vae[0].config.downsample_factor == 8
+    assert pipe.scheduler == SchedulerConfig(shift=3.0, use_dynamic_shifting=True)  # scheduler/: FLUX.1-dev's
     text, pooled = pipe.encode_prompt(captions, 16)
     assert text.shape == (3, 16, 32) and pooled.shape == (3, 32)
     assert np.abs(np.asarray(pooled[0] - pooled[1])).max() > 1e-2  # random encoders still tell captions apart
@@ -62,6 +64,7 @@ def test_sd3_folder_loads_and_samples_with_cfg():
     assert filecmp.cmpfiles(FOLDER / "vae", SD3_FOLDER / "vae", vae_files, shallow=False)[0] == vae_files
     pipe = SD3Pipeline.from_pretrained(SD3_FOLDER, dtype=jnp.float32)  # every component loads strictly
     assert pipe.vae[0].config.stride == 2 and pipe.transformer[0].config.in_channels == 8
+    assert pipe.scheduler == SchedulerConfig(shift=3.0)  # scheduler/: SD3-medium's
     captions = [c for _, c in demo.demo_examples(2, 8, seed=UNSEEN_SEED)]
     text, pooled = pipe.encode_prompt(captions, 16)
     assert text.shape == (2, 32, 96) and pooled.shape == (2, 80)  # CLIP 32 + 48 padded to T5's 96; 32 + 48

@@ -82,3 +82,47 @@ def test_add_noise():
     out = np.asarray(flow.add_noise(x0, eps, np.array([0.25, 1.0], np.float32)))
     np.testing.assert_allclose(out[0], 0.75)
     np.testing.assert_allclose(out[1], 0.0)
+
+
+# Scheduler configs as pipelines ship them (FLUX.1-schnell, SD3.5) and as users may write them.
+SCHEDULERS = {
+    "schnell": dict(shift=1.0, use_dynamic_shifting=False),
+    "shift 4.5": dict(shift=4.5),
+    "shift 3.1 (not a float32)": dict(shift=3.1),
+    "dynamic": dict(shift=3.0, use_dynamic_shifting=True),
+    "dynamic, other line": dict(
+        use_dynamic_shifting=True, base_shift=0.3, max_shift=1.6, base_image_seq_len=128, max_image_seq_len=8192
+    ),
+    "500 train steps": dict(shift=2.5, num_train_timesteps=500),
+}
+
+
+def _diffusers_mu(scheduler, seq):
+    c = scheduler.config
+    return calculate_shift(seq, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+@pytest.mark.parametrize("steps", [1, 4, 28])
+def test_schedules_follow_the_scheduler_config_as_diffusers(name, steps):
+    """Both pipelines' schedules, driven as FluxPipeline / StableDiffusion3Pipeline drive the scheduler."""
+    settings = SCHEDULERS[name]
+    ours = flow.SchedulerConfig(**settings)
+    seq = 24 * 40  # packed Flux tokens / SD3 latent patches
+    scheduler = FlowMatchEulerDiscreteScheduler(**settings)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=_diffusers_mu(scheduler, seq))
+    sigmas, timesteps = flow.flux_schedule(steps, seq, ours)
+    np.testing.assert_array_equal(sigmas, scheduler.sigmas.numpy())
+    np.testing.assert_array_equal(timesteps, scheduler.timesteps.numpy())
+
+    scheduler = FlowMatchEulerDiscreteScheduler(**settings)
+    dynamic = settings.get("use_dynamic_shifting", False)
+    scheduler.set_timesteps(steps, **({"mu": _diffusers_mu(scheduler, seq)} if dynamic else {}))
+    sigmas, timesteps = flow.sd3_schedule(steps, ours, seq)
+    np.testing.assert_array_equal(sigmas, scheduler.sigmas.numpy())
+    np.testing.assert_array_equal(timesteps, scheduler.timesteps.numpy())
+
+
+def test_dynamic_sd3_schedule_needs_the_token_count():
+    with pytest.raises(ValueError, match="image_seq_len"):
+        flow.sd3_schedule(4, flow.SchedulerConfig(use_dynamic_shifting=True))

@@ -1,16 +1,22 @@
 """Whole pipelines: same images as diffusers' FluxPipeline / StableDiffusion3Pipeline from the same noise."""
 
+import copy
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from conftest import MODEL_TOL, rel_err
+from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers import FluxPipeline as TorchFlux
 from tiny_pipelines import flux_pipeline
 
+from d4k_jax.diffusion.flow import SchedulerConfig
 from d4k_jax.pipelines.flux import FluxPipeline
 
+DEMO = Path(__file__).resolve().parent.parent / "d4k_jax" / "data" / "demo_pipeline"
 PROMPTS = ["a red cat on the sky", "a photo of a small dog with a large blue square on a green background"]
 
 
@@ -59,6 +65,63 @@ def test_flux_matches_diffusers(flux, steps):
     )
     assert uint8.dtype == jnp.uint8
     assert np.abs(np.asarray(uint8, int) - np.round(ref * 255).astype(int)).max() <= 1
+
+
+def _with_scheduler(ref_pipe, pipe, folder, scheduler):
+    """The same two pipelines with `scheduler`: diffusers' built from its config, ours read from the folder
+    it was saved in (a shallow copy of ours keeps the compiled sampler: the schedule is an input)."""
+    from d4k_jax.pipelines.scheduler import load_scheduler
+
+    scheduler.save_pretrained(folder / "scheduler")
+    ref = type(ref_pipe)(**{**ref_pipe.components, "scheduler": scheduler})
+    ours = copy.copy(pipe)
+    ours.scheduler = load_scheduler(folder, pipe.scheduler)
+    return ref, ours
+
+
+def test_flux_schnell_scheduler_matches_diffusers(flux, tmp_path):
+    """FLUX.1-schnell's scheduler (no dynamic shifting, shift 1): its config is read, not FLUX.1-dev's."""
+    ref_pipe, pipe = _with_scheduler(*flux, tmp_path, FlowMatchEulerDiscreteScheduler(shift=1.0))
+    assert pipe.scheduler.shift == 1.0 and not pipe.scheduler.use_dynamic_shifting
+    latents = np.random.default_rng(7).normal(size=(2, 8, 12, 4)).astype(np.float32)
+    packed = TorchFlux._pack_latents(torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()), 2, 4, 8, 12)
+    kwargs = dict(height=16, width=24, num_inference_steps=4, guidance_scale=4.0, max_sequence_length=20)
+    with torch.no_grad():
+        ref = ref_pipe(PROMPTS, latents=packed, output_type="np", **kwargs).images
+    ours = pipe(PROMPTS, latents=latents, output="float", **kwargs)
+    assert rel_err(ours, ref) < MODEL_TOL
+    dev = flux[1](PROMPTS, latents=latents, output="float", **kwargs)  # the FLUX.1-dev schedule differs
+    assert rel_err(dev, ref) > 100 * MODEL_TOL
+
+
+def test_from_pretrained_reads_the_scheduler_config(tmp_path):
+    """from_pretrained reads scheduler/scheduler_config.json (and refuses what it lacks before loading weights);
+    the demo pipelines' own configs are checked in test_demo_pipeline.py."""
+    folder = tmp_path / "demo"
+    folder.mkdir()
+    for item in DEMO.iterdir():
+        if item.name != "scheduler":
+            (folder / item.name).symlink_to(item)
+    FlowMatchEulerDiscreteScheduler(shift=1.0).save_pretrained(folder / "scheduler")
+    assert FluxPipeline.from_pretrained(folder, dtype=jnp.float32).scheduler == SchedulerConfig(shift=1.0)
+    FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True).save_pretrained(folder / "scheduler")
+    with pytest.raises(ValueError, match="use_karras_sigmas=True"):
+        FluxPipeline.from_pretrained(folder)
+
+
+def test_pipelines_are_exported():
+    """DESIGN's public names: d4k_jax.pipelines.FluxPipeline / SD3Pipeline."""
+    import d4k_jax.pipelines as pipelines
+    from d4k_jax.pipelines import SD3Pipeline
+    from d4k_jax.pipelines.sd3 import SD3Pipeline as sd3
+
+    assert pipelines.FluxPipeline is FluxPipeline and SD3Pipeline is sd3
+    assert {"FluxPipeline", "SD3Pipeline"} <= set(dir(pipelines)) and pipelines.__all__ == [
+        "FluxPipeline",
+        "SD3Pipeline",
+    ]
+    with pytest.raises(AttributeError, match="NoPipeline"):
+        pipelines.NoPipeline  # noqa: B018
 
 
 def test_flux_seeded_noise_is_deterministic(flux):
@@ -122,6 +185,26 @@ def test_sd3_matches_diffusers(sd3, steps, scale, negative):
         output="float",
     )
     assert rel_err(ours, ref) < MODEL_TOL
+
+
+@pytest.mark.parametrize(
+    "scheduler",
+    [dict(shift=4.5), dict(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=64)],
+    ids=["shift 4.5", "dynamic"],
+)
+def test_sd3_scheduler_settings_match_diffusers(sd3, tmp_path, scheduler):
+    """A non-default SD3 shift, and a dynamic shift (the pipeline passes mu from the latent patches)."""
+    ref_pipe, pipe = _with_scheduler(*sd3, tmp_path, FlowMatchEulerDiscreteScheduler(**scheduler))
+    assert pipe.scheduler == SchedulerConfig(**scheduler)
+    latents = np.random.default_rng(4).normal(size=(2, 8, 12, 4)).astype(np.float32)  # 16x24 pixels
+    kwargs = dict(height=16, width=24, num_inference_steps=4, guidance_scale=5.0, max_sequence_length=20)
+    with torch.no_grad():
+        nchw = torch.from_numpy(latents.transpose(0, 3, 1, 2).copy())
+        ref = ref_pipe(PROMPTS, latents=nchw, output_type="np", **kwargs).images
+    ours = pipe(PROMPTS, latents=latents, output="float", **kwargs)
+    assert rel_err(ours, ref) < MODEL_TOL
+    default = sd3[1](PROMPTS, latents=latents, output="float", **kwargs)  # shift 3 differs
+    assert rel_err(default, ref) > 100 * MODEL_TOL
 
 
 def test_f16_decode_in_the_pipeline_matches_the_reference(flux):

@@ -1,1 +1,30 @@
-"""Text -> image: prompt tokenization and encoding (pipelines arrive with the sampling issue)."""
+"""Text -> image pipelines: `FluxPipeline` (FLUX.1) and `SD3Pipeline` (SD3 / SD3.5), each
+`.from_pretrained(path)` on a diffusers pipeline folder or its converted directory, then called with
+prompts. Modules: base (loading, noise, decode), conditioning (text states from the encoders), tokenizer,
+scheduler (scheduler_config.json), flux, sd3.
+
+The two classes are imported on first use (PEP 562), so that `from d4k_jax.pipelines import base` does not
+load both pipelines (and their models) and flux.py / sd3.py can import this package's modules.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from d4k_jax.pipelines.flux import FluxPipeline
+    from d4k_jax.pipelines.sd3 import SD3Pipeline
+
+__all__ = ["FluxPipeline", "SD3Pipeline"]
+_HOME = {"FluxPipeline": "d4k_jax.pipelines.flux", "SD3Pipeline": "d4k_jax.pipelines.sd3"}
+
+
+def __getattr__(name: str):
+    if name in _HOME:
+        return getattr(importlib.import_module(_HOME[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

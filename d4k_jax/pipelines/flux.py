@@ -9,18 +9,29 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from d4k_jax.diffusion.flow import flux_schedule
+from d4k_jax.diffusion.flow import FLUX_DEV, SchedulerConfig, flux_schedule
 from d4k_jax.diffusion.sampler import euler_sample
 from d4k_jax.pipelines import base
 from d4k_jax.pipelines.conditioning import flux_conditioning
+from d4k_jax.pipelines.scheduler import load_scheduler
 from d4k_jax.pipelines.tokenizer import Tokenizer
 
 
 class FluxPipeline:
-    """Components are (module, params) pairs; `from_pretrained` loads them from a pipeline folder."""
+    """Components are (module, params) pairs; `from_pretrained` loads them from a pipeline folder. `scheduler`
+    holds the schedule settings (the folder's scheduler_config.json; FLUX.1-dev's by default)."""
 
-    def __init__(self, transformer, vae, text_encoder, text_encoder_2, tokenizer: Tokenizer, tokenizer_2: Tokenizer):
-        self.transformer, self.vae = transformer, vae
+    def __init__(
+        self,
+        transformer,
+        vae,
+        text_encoder,
+        text_encoder_2,
+        tokenizer: Tokenizer,
+        tokenizer_2: Tokenizer,
+        scheduler: SchedulerConfig = FLUX_DEV,
+    ):
+        self.transformer, self.vae, self.scheduler = transformer, vae, scheduler
         self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
         self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
         self._sample = jax.jit(functools.partial(_sample, transformer[0], vae[0]))
@@ -40,7 +51,9 @@ class FluxPipeline:
         `opts` override the transformer's config (e.g. remat); `transformer` / `vae`, (module, params) pairs,
         are used instead of loading those components (the trainer passes its own)."""
         path = base.pipeline_dir(path)
+        scheduler = load_scheduler(path, FLUX_DEV)  # before the weights: a bad config fails fast
         return cls(
+            scheduler=scheduler,
             transformer=transformer or base.load(path, "transformer", dtype, **opts),
             vae=vae or base.load(path, "vae", dtype, **({} if vae_stride is None else {"stride": vae_stride})),
             text_encoder=base.load(path, "text_encoder", dtype),
@@ -88,7 +101,7 @@ class FluxPipeline:
             raise ValueError(
                 f"latents must be {shape} for {len(prompts)} prompts at {height}x{width}, got {latents.shape}"
             )
-        sigmas, timesteps = flux_schedule(num_inference_steps, (shape[1] // 2) * (shape[2] // 2))
+        sigmas, timesteps = flux_schedule(num_inference_steps, (shape[1] // 2) * (shape[2] // 2), self.scheduler)
         guidance = jnp.full((len(prompts),), guidance_scale, jnp.float32) if module.config.guidance_embeds else None
         images = self._sample(
             self.transformer[1], self.vae[1], latents.astype(module.dtype), text, pooled, guidance, sigmas, timesteps

@@ -9,15 +9,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from d4k_jax.diffusion.flow import sd3_schedule
+from d4k_jax.diffusion.flow import SD3_MEDIUM, SchedulerConfig, sd3_schedule
 from d4k_jax.diffusion.sampler import euler_sample
 from d4k_jax.pipelines import base
 from d4k_jax.pipelines.conditioning import sd3_conditioning
+from d4k_jax.pipelines.scheduler import load_scheduler
 from d4k_jax.pipelines.tokenizer import Tokenizer
 
 
 class SD3Pipeline:
-    """Components are (module, params) pairs (text_encoder_3 may be None: T5 dropped, zeros in its place)."""
+    """Components are (module, params) pairs (text_encoder_3 may be None: T5 dropped, zeros in its place).
+    `scheduler` holds the schedule settings (the folder's scheduler_config.json; SD3-medium's by default)."""
 
     def __init__(
         self,
@@ -29,9 +31,9 @@ class SD3Pipeline:
         tokenizer: Tokenizer,
         tokenizer_2: Tokenizer,
         tokenizer_3: Tokenizer | None,
-        shift: float = 3.0,
+        scheduler: SchedulerConfig = SD3_MEDIUM,
     ):
-        self.transformer, self.vae, self.shift = transformer, vae, shift
+        self.transformer, self.vae, self.scheduler = transformer, vae, scheduler
         self.text_encoders = (text_encoder, text_encoder_2, text_encoder_3)
         self.tokenizers = (tokenizer, tokenizer_2, tokenizer_3)
         t5 = None if text_encoder_3 is None else text_encoder_3[0]
@@ -52,8 +54,10 @@ class SD3Pipeline:
         """A diffusers SD3 pipeline folder or its converted directory; vae_stride=2 selects the F16 VAE.
         `transformer` / `vae`, (module, params) pairs, are used instead of loading those components."""
         path = base.pipeline_dir(path)
+        scheduler = load_scheduler(path, SD3_MEDIUM)  # before the weights: a bad config fails fast
         has_t5 = (path / "text_encoder_3").is_dir()
         return cls(
+            scheduler=scheduler,
             transformer=transformer or base.load(path, "transformer", dtype, **opts),
             vae=vae or base.load(path, "vae", dtype, **({} if vae_stride is None else {"stride": vae_stride})),
             text_encoder=base.load(path, "text_encoder", dtype),
@@ -110,7 +114,8 @@ class SD3Pipeline:
         latents = base.initial_noise(seed, shape, module.dtype) if latents is None else jnp.asarray(latents)
         if latents.shape != shape:
             raise ValueError(f"latents must be {shape} for {b} prompts at {height}x{width}, got {latents.shape}")
-        sigmas, timesteps = sd3_schedule(num_inference_steps, self.shift)
+        patch = module.config.patch_size  # the pipeline's image_seq_len for a dynamic shift: latent patches
+        sigmas, timesteps = sd3_schedule(num_inference_steps, self.scheduler, (shape[1] // patch) * (shape[2] // patch))
         images = self._sample(
             self.transformer[1],
             self.vae[1],
