@@ -6,12 +6,22 @@ FILE is a text file (one prompt per line) or an Aesthetic-4K `metadata.jsonl` (i
 Image k of prompt p uses seed `config.seed + p * images_per_prompt + k`, drawn per image, so the
 images do not depend on the batch size or the device count. Each image is written as
 OUT/{p:05d}_{k:02d}.jpg (quality 95; PNG with --config.sample.format=png) with a line in
-OUT/metadata.jsonl; rerunning skips images already written. The last batch is padded to fill the mesh.
+OUT/metadata.jsonl. The last batch is padded to fill the mesh.
+
+Everything that can be checked without weights (sizes against the pipeline's config.json files, format,
+prompt file, batch against the devices) is checked before the weights load, and reported all at once.
+
+Resume. OUT/settings.json, written before the first image, holds what decides the images (pipeline,
+model, seed, size, steps, guidance, ...): a rerun into OUT with other settings is refused, naming them.
+An image counts as written when its metadata line is: the image is saved first (to a temporary name,
+then renamed), its line appended after. A crash in between leaves an image without a line, which the
+rerun makes again (the same image: same seed); a half-written last line is dropped on resume.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -27,6 +37,11 @@ from tqdm import tqdm
 
 from d4k_jax import cli, sharding
 from d4k_jax.pipelines import base
+
+SETTINGS = "settings.json"
+METADATA = "metadata.jsonl"
+FORMATS = {"jpeg": "jpg", "png": "png"}
+TRANSFORMERS = {"flux": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel"}
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -48,37 +63,202 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-def load_pipeline(c: ml_collections.ConfigDict):
+def pipeline_geometry(path: str | Path, model: str, vae_stride: int | None) -> tuple[int, int | None]:
+    """(pixels per latent token side, the largest image side in pixels or None), read from the pipeline's
+    vae/ and transformer/ config.json (no weights). SD3's position table bounds the side; Flux's RoPE does not."""
+    from conversion import sd3, vae  # config translation only: torch-free, no weights
+    from conversion.components import class_name
+    from conversion.load import load_config
+
+    folder = base.pipeline_dir(path)
+    stride = {} if vae_stride is None else {"stride": vae_stride}
+    vae_factor = vae.config_from_diffusers(load_config(folder / "vae", **stride)).downsample_factor
+    cfg = load_config(folder / "transformer")
+    if class_name(cfg) not in (None, TRANSFORMERS[model]):
+        raise ValueError(
+            f"config.model={model!r} expects a {TRANSFORMERS[model]} but {folder}/transformer holds a "
+            f"{class_name(cfg)}: set --config.model to the pipeline's model"
+        )
+    if model == "flux":
+        return 2 * vae_factor, None  # 2x2 packed latents
+    t = sd3.config_from_diffusers(cfg)
+    return t.patch_size * vae_factor, t.pos_embed_max_size * t.patch_size * vae_factor
+
+
+def size_problems(height, width, factor: int, largest: int | None) -> list[str]:
+    """What is wrong with an image size for a pipeline of this factor and largest side."""
+    problems = []
+    for name, v in (("height", height), ("width", width)):
+        if not isinstance(v, int) or v <= 0 or v % factor:
+            problems.append(f"config.sample.{name}={v} is not a positive multiple of {factor} (this pipeline's factor)")
+        elif largest is not None and v > largest:
+            problems.append(
+                f"config.sample.{name}={v} exceeds the transformer's position table: at most {largest} pixels "
+                "(pos_embed_max_size x patch size x the VAE's factor)"
+            )
+    return problems
+
+
+def _settings_problems(c: ml_collections.ConfigDict) -> list[str]:
+    s, problems = c.sample, []
+    if c.model not in TRANSFORMERS:
+        problems.append(f"config.model={c.model!r} is not one of {sorted(TRANSFORMERS)}")
+    if s.format not in FORMATS:
+        problems.append(f"config.sample.format={s.format!r} is not one of {sorted(FORMATS)}")
+    for name in ("steps", "images_per_prompt", "max_sequence_length"):
+        if s[name] < 1:
+            problems.append(f"config.sample.{name}={s[name]} must be at least 1")
+    try:
+        jnp.dtype(c.dtype)
+    except TypeError:
+        problems.append(f"config.dtype={c.dtype!r} is not a dtype (expected bfloat16, float16 or float32)")
+    return problems
+
+
+def validate(c: ml_collections.ConfigDict, prompts_file: str | Path) -> tuple[list[str], jax.sharding.Mesh, int]:
+    """(prompts, mesh, batch size), after checking everything that needs no weights; one ValueError
+    lists every problem found."""
+    problems = _settings_problems(c)
+    prompts, mesh, batch = [], None, 0
+    try:
+        prompts = read_prompts(prompts_file)
+    except (ValueError, FileNotFoundError) as e:
+        problems.append(str(e))
     if not c.pipeline:
-        raise ValueError("set --config.pipeline to a diffusers pipeline folder or a converted directory")
+        problems.append("set --config.pipeline to a diffusers pipeline folder or a converted directory")
+    elif c.model in TRANSFORMERS:
+        try:
+            problems += size_problems(
+                c.sample.height, c.sample.width, *pipeline_geometry(c.pipeline, c.model, c.vae_stride)
+            )
+        except (ValueError, FileNotFoundError) as e:
+            problems.append(str(e))
+    available = jax.devices()
+    n = c.get("num_devices", 0) or len(available)
+    if n > len(available):
+        problems.append(f"config.num_devices={n} but only {len(available)} devices are available")
+    else:
+        try:
+            mesh = sharding.make_mesh(dict(c.mesh), available[:n])
+            batch = c.sample.batch_size or mesh.devices.size
+            if batch % mesh.devices.size:
+                problems.append(
+                    f"config.sample.batch_size={batch} is not a multiple of the {mesh.devices.size} devices"
+                )
+        except ValueError as e:
+            problems.append(f"config.mesh: {e}")
+    if problems:
+        raise ValueError("cannot sample: " + "; ".join(problems))
+    return prompts, mesh, batch
+
+
+def settings(c: ml_collections.ConfigDict) -> dict:
+    """What decides the images (not how they are computed: batch, mesh and devices do not change them)."""
+    s = c.sample
+    out = dict(
+        pipeline=str(Path(c.pipeline).resolve()), model=c.model, vae_stride=c.vae_stride, dtype=str(c.dtype),
+        seed=c.seed, images_per_prompt=s.images_per_prompt, height=s.height, width=s.width, steps=s.steps,
+        guidance=s.guidance, max_sequence_length=s.max_sequence_length, format=s.format,
+    )  # fmt: skip
+    if c.model == "sd3":
+        out["negative_prompt"] = s.negative_prompt
+    return out
+
+
+def check_outdir(out: Path, wanted: dict) -> bool:
+    """Refuses an outdir written with other settings; True when OUT/settings.json is still to be written."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--outdir={out} is a file, expected a folder")
+    stored_file = out / SETTINGS
+    if not stored_file.is_file():
+        if (out / METADATA).exists():
+            raise FileExistsError(
+                f"--outdir={out} holds a {METADATA} but no {SETTINGS} (made by another tool or an older version): "
+                "its images may come from other settings; pass another --outdir"
+            )
+        return True
+    try:
+        stored = json.loads(stored_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{stored_file} is not valid JSON ({e}); remove it or pass another --outdir") from e
+    changed = [f"{k} {stored.get(k)!r} -> {v!r}" for k, v in wanted.items() if stored.get(k) != v]
+    if changed:
+        raise FileExistsError(
+            f"--outdir={out} holds images made with other settings ({stored_file}): {'; '.join(changed)}; "
+            "rerun with the stored settings to resume, or pass another --outdir"
+        )
+    return False
+
+
+def written_images(out: Path, prompts: list[str], images_per_prompt: int, ext: str, tidy: bool = True) -> set[str]:
+    """The names of the images already written: those with a complete metadata line and their file.
+    With `tidy` (one process does it), rewrites OUT/metadata.jsonl without the lines that do not count
+    (half-written, duplicated, file gone) and removes images left half-written (*.tmp)."""
+    meta = out / METADATA
+    if tidy:
+        for tmp in out.glob(f"*.{ext}.tmp"):
+            tmp.unlink()
+    if not meta.is_file():
+        return set()
+    text = meta.read_text(encoding="utf-8")
+    lines = text.split("\n")[:-1]  # the part after the last newline is a half-written line (or empty)
+    kept, names = [], set()
+    for line in lines:
+        try:
+            row = json.loads(line)
+            name = row["file_name"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            logging.warning("%s: dropping an unreadable line %r (its image is made again)", meta, line[:80])
+            continue
+        if name in names or not (out / name).is_file():
+            continue
+        p, k = _job(name, ext)
+        if p is not None and p < len(prompts) and k < images_per_prompt and row.get("text") != prompts[p]:
+            raise FileExistsError(
+                f"{out / name} was made from the prompt {row.get('text')!r} but prompt {p + 1} is now "
+                f"{prompts[p]!r}: pass another --outdir for another prompt file"
+            )
+        kept.append(line)
+        names.add(name)
+    if tidy and (len(kept) != len(lines) or (text and not text.endswith("\n"))):
+        _write_atomic(meta, "".join(x + "\n" for x in kept))
+    return names
+
+
+def _job(name: str, ext: str) -> tuple[int | None, int]:
+    stem, _, suffix = name.partition(".")
+    p, _, k = stem.partition("_")
+    if suffix != ext or not (p.isdigit() and k.isdigit()):
+        return None, 0
+    return int(p), int(k)
+
+
+def load_pipeline(c: ml_collections.ConfigDict):
     if c.model == "flux":
         from d4k_jax.pipelines.flux import FluxPipeline as cls
-    elif c.model == "sd3":
-        from d4k_jax.pipelines.sd3 import SD3Pipeline as cls
     else:
-        raise ValueError(f"config.model must be 'flux' or 'sd3', got {c.model!r}")
+        from d4k_jax.pipelines.sd3 import SD3Pipeline as cls
     return cls.from_pretrained(c.pipeline, dtype=jnp.dtype(c.dtype), vae_stride=c.vae_stride)
 
 
 def run(c: ml_collections.ConfigDict, prompts_file: str, outdir: str) -> int:
     """Writes every missing image; returns how many were written."""
     s = c.sample
-    prompts = read_prompts(prompts_file)
-    out = Path(outdir)
-    out.mkdir(parents=True, exist_ok=True)
-    ext = {"jpeg": "jpg", "png": "png"}[s.format]
+    prompts, mesh, batch = validate(c, prompts_file)
+    out, wanted = Path(outdir), settings(c)
+    fresh = check_outdir(out, wanted)
+    ext = FORMATS[s.format]
     jobs = [(p, k) for p in range(len(prompts)) for k in range(s.images_per_prompt)]
-    todo = [(p, k) for p, k in jobs if not (out / f"{p:05d}_{k:02d}.{ext}").exists()]
+    done = written_images(out, prompts, s.images_per_prompt, ext, tidy=jax.process_index() == 0)
+    todo = [(p, k) for p, k in jobs if f"{p:05d}_{k:02d}.{ext}" not in done]
     if len(todo) < len(jobs):
         logging.info("resuming: %d of %d images already written", len(jobs) - len(todo), len(jobs))
     if not todo:
         return 0
+    if fresh and jax.process_index() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_atomic(out / SETTINGS, json.dumps(wanted, indent=2) + "\n")
     pipe = load_pipeline(c)
-    devices = jax.devices()[: c.get("num_devices", 0) or None]
-    mesh = sharding.make_mesh(dict(c.mesh), devices)
-    batch = s.batch_size or mesh.devices.size
-    if batch % mesh.devices.size:
-        raise ValueError(f"batch_size {batch} must be a multiple of the {mesh.devices.size} devices")
     data = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     replicated = NamedSharding(mesh, PartitionSpec())
     pipe.transformer = (pipe.transformer[0], _place(pipe.transformer, mesh, c.get("shard_params", False)))
@@ -86,7 +266,7 @@ def run(c: ml_collections.ConfigDict, prompts_file: str, outdir: str) -> int:
     module = pipe.transformer[0]
     shape = base.latent_shape(1, s.height, s.width, _factor(c, pipe), _channels(c, module))[1:]
     written = 0
-    with (out / "metadata.jsonl").open("a") as meta, tqdm(total=len(todo), unit="img", desc="sample") as bar:
+    with tqdm(total=len(todo), unit="img", desc="sample") as bar:
         for start in range(0, len(todo), batch):
             chunk = todo[start : start + batch]
             padded = chunk + [chunk[-1]] * (batch - len(chunk))  # fill the mesh; the copies are not saved
@@ -111,23 +291,10 @@ def run(c: ml_collections.ConfigDict, prompts_file: str, outdir: str) -> int:
             for (p, k), image, seed in zip(chunk, images, seeds, strict=False):
                 name = f"{p:05d}_{k:02d}.{ext}"
                 _save(image, out / name, s.format)
-                meta.write(
-                    json.dumps(
-                        dict(
-                            file_name=name,
-                            text=prompts[p],
-                            seed=seed,
-                            height=s.height,
-                            width=s.width,
-                            steps=s.steps,
-                            guidance=s.guidance,
-                            model=c.model,
-                        )
-                    )
-                    + "\n"
-                )
+                line = dict(file_name=name, text=prompts[p], seed=seed, height=s.height, width=s.width)
+                line |= dict(steps=s.steps, guidance=s.guidance, model=c.model)
+                _append_line(out / METADATA, json.dumps(line))  # after the image: the line marks it done
                 written += 1
-            meta.flush()
             bar.update(len(chunk))
             bar.set_postfix(img_per_s=f"{len(chunk) / (time.perf_counter() - t0):.2f}")
     return written
@@ -146,8 +313,9 @@ def _place(component, mesh, shard: bool):
 
 
 def _factor(c, pipe) -> int:
-    """Pixels per packed token side: the VAE's factor times the transformer's 2x2 patches."""
-    return 2 * pipe.vae[0].config.downsample_factor
+    """Pixels per latent token side: the VAE's factor times the transformer's patches (Flux packs 2x2)."""
+    patch = 2 if c.model == "flux" else pipe.transformer[0].config.patch_size
+    return patch * pipe.vae[0].config.downsample_factor
 
 
 def _channels(c, module) -> int:
@@ -155,9 +323,31 @@ def _channels(c, module) -> int:
 
 
 def _save(image: np.ndarray, path: Path, fmt: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")  # a crash never leaves a half-written image that resume would skip
-    Image.fromarray(image).save(tmp, format=fmt.upper(), **({"quality": 95} if fmt == "jpeg" else {}))
+    tmp = path.with_name(path.name + ".tmp")  # a crash never leaves a half-written image under its name
+    try:
+        Image.fromarray(image).save(tmp, format=fmt.upper(), **({"quality": 95} if fmt == "jpeg" else {}))
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
     tmp.rename(path)
+
+
+def _append_line(path: Path, line: str) -> None:
+    try:
+        with path.open("a", encoding="utf-8") as f:  # opened per line: a failed write names this file
+            f.write(line + "\n")
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+    os.replace(tmp, path)
 
 
 def main(argv):

@@ -1,6 +1,7 @@
 """The sample CLI: sharded over 8 fake devices equals one device, resume, metadata, bad input."""
 
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -23,10 +24,21 @@ def pipes(tmp_path_factory):
     return root
 
 
-def _config(model, root, **mesh):
+@pytest.fixture(scope="module", autouse=True)
+def loaded_once():
+    """One pipeline object per folder for the module: its compiled programs serve every rerun."""
+    load, cache = sample.load_pipeline, {}
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(sample, "load_pipeline", lambda c: cache.get(c.pipeline) or cache.setdefault(c.pipeline, load(c)))
+        yield
+
+
+def _config(model, root, mesh=None, num_devices=0, **sample_settings):
     c = (flux_wlf if model == "flux" else sd3_wlf).get_config("tiny")
+    c.num_devices = num_devices
     c.pipeline, c.vae_stride = str(root / model), 1
     c.sample.update(height=16, width=16, steps=2, images_per_prompt=2, format="png", max_sequence_length=12)
+    c.sample.update(sample_settings)
     c.mesh = mesh or {"data": -1}
     return c
 
@@ -68,17 +80,81 @@ def test_metadata_jsonl_prompts_and_errors(pipes, tmp_path):
         sample.read_prompts(tmp_path / "empty.txt")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         sample.read_prompts(tmp_path / "missing.txt")
+
+
+def _no_weights(*_):
+    raise AssertionError("the weights were loaded before the settings were checked")
+
+
+def test_every_problem_is_reported_before_the_weights_load(pipes, tmp_path, monkeypatch):
+    monkeypatch.setattr(sample, "load_pipeline", _no_weights)
     c = _config("flux", pipes)
-    c.sample.height = 18
-    with pytest.raises(ValueError, match="multiples of 4"):
+    c.sample.update(height=18, format="gif", batch_size=3)
+    with pytest.raises(ValueError) as e:
+        sample.run(c, tmp_path / "missing.txt", tmp_path / "out")
+    for needle in ("height=18 is not a positive multiple of 4", "format='gif'", "missing.txt does not exist",
+                   "batch_size=3 is not a multiple of the 8 devices"):  # fmt: skip
+        assert needle in str(e.value)
+    c = _config("sd3", pipes)  # pos_embed_max_size 12 x patch 2 x VAE factor 2: at most 48 pixels
+    c.sample.width = 52
+    with pytest.raises(ValueError, match="width=52 exceeds the transformer's position table: at most 48 pixels"):
         sample.run(c, pipes / "prompts.txt", tmp_path / "out")
+    c.model = "flux"
+    with pytest.raises(ValueError, match=r"expects a FluxTransformer2DModel but .* holds a SD3Transformer2DModel"):
+        sample.run(c, pipes / "prompts.txt", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def sampled(pipes, tmp_path_factory):
+    """A finished run, 3 prompts x 1 image (tests copy it before changing it)."""
+    out = tmp_path_factory.mktemp("sampled") / "out"
+    c = _config("flux", pipes, num_devices=1, images_per_prompt=1, batch_size=1)  # devices do not change images
+    assert sample.run(c, pipes / "prompts.txt", out) == 3
+    return out
+
+
+def test_a_rerun_with_other_settings_is_refused(pipes, sampled, tmp_path, monkeypatch):
+    c = _config("flux", pipes, num_devices=1, images_per_prompt=1, batch_size=1)
+    shutil.copytree(sampled, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "settings.json").read_text()) == sample.settings(c)
+    monkeypatch.setattr(sample, "load_pipeline", _no_weights)
+    other = _config("flux", pipes, images_per_prompt=1, steps=3, guidance=c.sample.guidance + 1)
+    other.seed = 5
+    with pytest.raises(FileExistsError) as e:
+        sample.run(other, pipes / "prompts.txt", tmp_path / "out")
+    guidance = f"guidance {c.sample.guidance} -> {c.sample.guidance + 1}"
+    for needle in (str(tmp_path / "out"), "steps 2 -> 3", guidance, "seed 0 -> 5"):
+        assert needle in str(e.value)
+    c.pipeline = str(pipes / "sd3")
+    c.model = "sd3"
+    with pytest.raises(FileExistsError, match="model 'flux' -> 'sd3'"):
+        sample.run(c, pipes / "prompts.txt", tmp_path / "out")
+    changed = tmp_path / "changed.txt"
+    changed.write_text("\n".join([PROMPTS[0], "another prompt", PROMPTS[2]]) + "\n")
+    with pytest.raises(FileExistsError, match=r"00001_00\.png was made from the prompt 'a blue dog' but prompt 2 is"):
+        sample.run(_config("flux", pipes, images_per_prompt=1), changed, tmp_path / "out")
+
+
+def test_an_image_without_its_metadata_line_is_made_again(pipes, sampled, tmp_path):
+    """A crash between saving an image and appending its line (or in the middle of the line)."""
+    c = _config("flux", pipes, num_devices=1, images_per_prompt=1, batch_size=1)
+    out = tmp_path / "out"
+    shutil.copytree(sampled, out)
+    before, lines = _images(out), (out / "metadata.jsonl").read_text().splitlines()
+    (out / "metadata.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:25])  # image 3's line cut short
+    (out / "00002_00.png.tmp").write_bytes(b"half an image")
+    assert sample.run(c, pipes / "prompts.txt", out) == 1
+    assert (out / "metadata.jsonl").read_text().splitlines() == lines
+    assert _images(out).keys() == before.keys() and not list(out.glob("*.tmp"))
+    assert np.array_equal(_images(out)["00002_00.png"], before["00002_00.png"])
 
 
 def test_fsdp_sharded_params_give_the_same_images(pipes, tmp_path):
     plain = _config("flux", pipes)
     plain.sample.images_per_prompt = 1
     sample.run(plain, pipes / "prompts.txt", tmp_path / "replicated")
-    fsdp = _config("flux", pipes, data=2, fsdp=4)
+    fsdp = _config("flux", pipes, {"data": 2, "fsdp": 4})
     fsdp.sample.images_per_prompt, fsdp.shard_params = 1, True
     assert sample.run(fsdp, pipes / "prompts.txt", tmp_path / "fsdp") == 3
     a, b = _images(tmp_path / "replicated"), _images(tmp_path / "fsdp")
