@@ -3,5 +3,6 @@
 from conversion.export import export_component
 from conversion.load import load_component, load_config
 from conversion.rules import ConversionError
+from conversion.safetensors_io import SafetensorsError
 
-__all__ = ["ConversionError", "export_component", "load_component", "load_config"]
+__all__ = ["ConversionError", "SafetensorsError", "export_component", "load_component", "load_config"]

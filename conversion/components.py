@@ -158,3 +158,48 @@ def param_shapes(module: nn.Module, inputs: tuple) -> Shapes:
     abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs))
     params = nn.unbox(abstract["params"])
     return {p: tuple(a.shape) for p, a in traverse_util.flatten_dict(params).items()}
+
+
+class _Reads(dict):
+    """A config dict that records which keys are looked up."""
+
+    def __init__(self, cfg: Mapping[str, Any]):
+        super().__init__(cfg)
+        self.read: set[str] = set()
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key):
+        self.read.add(key)
+        return super().__contains__(key)
+
+
+def keys_read(kind: Kind, cfg: Mapping[str, Any]) -> set[str]:
+    """The config.json keys that `kind.config_from` reads from `cfg`: the only ones an override can change.
+
+    Found by running it: that is exact where a key is read only in some settings (CLIP reads projection_dim
+    only for CLIPTextModelWithProjection), and covers keys checked but not stored (the VAE's act_fn)."""
+    recorder = _Reads(cfg)
+    kind.config_from(recorder)
+    return recorder.read
+
+
+def override_problem(cfg: Mapping[str, Any], overrides: Mapping[str, Any], where: str) -> str | None:
+    """Why `overrides` (already merged into `cfg`) cannot all apply to this model, or None.
+
+    An override the model does not read would be dropped silently (a misspelt key, or a key of another
+    component): it is named with the keys that do apply."""
+    if not overrides:
+        return None
+    kind = kind_for(cfg, where)
+    valid = keys_read(kind, cfg)
+    unknown = sorted(set(overrides) - valid)
+    if not unknown:
+        return None
+    return f"{where}: override keys {unknown} are not read by {class_name(cfg)}; the keys it reads: {sorted(valid)}"

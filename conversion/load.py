@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,8 @@ import numpy as np
 from flax import traverse_util
 
 from conversion import single_file
-from conversion.components import kind_for, param_shapes
-from conversion.rules import to_flax
+from conversion.components import Shapes, kind_for, override_problem, param_shapes
+from conversion.rules import ConversionError, to_flax
 from conversion.safetensors_io import TensorSource
 from d4k_jax import checkpoint
 
@@ -74,16 +75,37 @@ def load_with_config(
     else:
         raise FileNotFoundError(f"{path}: no such component folder or checkpoint file")
     kind = kind_for(cfg, str(path))
+    problem = override_problem(cfg, overrides, str(path))
+    if problem:
+        raise ValueError(problem)
     model_cfg = kind.config_from(cfg)
     module = kind.build(model_cfg, dtype=dtype, param_dtype=param_dtype)
     shapes = param_shapes(module, kind.init_inputs(model_cfg))
     if source is None and (path / PARAMS_DIR).is_dir():
+        check_stored_shapes(path / PARAMS_DIR, shapes)
         target = {p: jax.ShapeDtypeStruct(s, param_dtype) for p, s in shapes.items()}
         return cfg, module, checkpoint.restore_params(path / PARAMS_DIR, _nest(target))
     source = source if source is not None else open_weights(path)
     rules = rules_for(model_cfg, shapes) if rules_for else kind.checkpoint_rules(model_cfg, shapes, frozenset(source))
     flat = to_flax(source, rules, shapes, what=str(path))
     return cfg, module, _nest({p: jnp.asarray(a, dtype=param_dtype) for p, a in flat.items()})
+
+
+def check_stored_shapes(params_dir: Path, expected: Shapes) -> None:
+    """The orbax checkpoint at `params_dir` holds exactly the parameters `expected` describes, or one
+    ConversionError lists the missing, unexpected and mis-shaped ones (a `params/` written for another
+    config.json), as for safetensors weights; orbax itself would fail on the first one, deep in a restore."""
+    stored = checkpoint.stored_shapes(params_dir)
+    name = "/".join
+    missing = sorted(name(p) for p in expected.keys() - stored.keys())
+    unexpected = sorted(name(p) for p in stored.keys() - expected.keys())
+    misshaped = [
+        f"{name(p)}: {stored[p]} -> {tuple(expected[p])}"
+        for p in sorted(expected.keys() & stored.keys())
+        if stored[p] != tuple(expected[p])
+    ]
+    if missing or unexpected or misshaped:
+        raise ConversionError(f"{params_dir} (does config.json describe these params?)", missing, unexpected, misshaped)
 
 
 def open_weights(folder: Path) -> TensorSource:
@@ -131,7 +153,10 @@ def _load_pickle(file: Path) -> dict[str, np.ndarray]:
         import torch
     except ImportError as e:
         raise ImportError(f"{file}: reading .bin/.pt weights needs torch; safetensors need nothing") from e
-    state = torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:  # truncated, corrupt, unsafe
+        raise ValueError(f"{file} is not a readable torch state dict ({type(e).__name__}: {e})") from None
     out = {}
     for k, t in state.items():
         t = t.detach().contiguous()

@@ -28,13 +28,15 @@ class Rule:
 
 class ConversionError(ValueError):
     def __init__(self, what: str, missing=(), unexpected=(), misshaped=(), unfilled=()):
-        lines = [f"{what}: the checkpoint does not match the model."]
-        for title, items in (
-            ("missing from the checkpoint", missing),
-            ("unexpected in the checkpoint", unexpected),
-            ("wrong shape (key: checkpoint -> expected)", misshaped),
-            ("parameters no rule fills", unfilled),
-        ):
+        groups = (
+            ("missing from the checkpoint", "missing", missing),
+            ("unexpected in the checkpoint", "unexpected", unexpected),
+            ("wrong shape (key: checkpoint -> expected)", "wrong shape", misshaped),
+            ("parameters no rule fills", "unfilled", unfilled),
+        )
+        counts = ", ".join(f"{len(items)} {short}" for _, short, items in groups if items)
+        lines = [f"{what}: the checkpoint does not match the model ({counts})."]
+        for title, _, items in groups:
             if items:
                 lines.append(f"  {title} ({len(items)}):")
                 lines.extend(f"    {item}" for item in items)

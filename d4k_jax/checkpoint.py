@@ -2,17 +2,44 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import re
+import sys
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from flax import traverse_util
+
+# TensorStore reports a failed write as a ValueError whose text ends in "[os_error_code='28']".
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+_DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
 def save_params(path: str | os.PathLike, params: Any) -> None:
-    """Write a parameter pytree as an orbax checkpoint at `path` (which must not exist)."""
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(os.path.abspath(path), params)
+    """Write a parameter pytree as an orbax checkpoint at `path` (which must not exist).
+
+    A full disk (or file size limit) raises OSError(ENOSPC / EFBIG), as a plain file write does, which
+    d4k_jax.cli reports in one line; TensorStore raises it as a ValueError, and orbax logs the tracebacks of
+    its writer threads, which are held back for it (and logged for any other error)."""
+    path = os.path.abspath(path)
+    logger, held = logging.getLogger("absl"), _Held()  # orbax logs through absl
+    logger.addFilter(held)
+    try:
+        with ocp.StandardCheckpointer() as ckpt:
+            ckpt.save(path, params)
+    except Exception as e:
+        code = _os_error_code(e)
+        if code not in _DISK_FULL:
+            raise
+        held.records.clear()
+        _drop_closed_loop_noise()
+        raise OSError(code, os.strerror(code), path) from None
+    finally:
+        logger.removeFilter(held)
+        held.release()
 
 
 def restore_params(path: str | os.PathLike, target: Any) -> Any:
@@ -26,6 +53,61 @@ def restore_params(path: str | os.PathLike, target: Any) -> Any:
         return ckpt.restore(path, abstract)
 
 
+def stored_shapes(path: str | os.PathLike) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """{parameter path: shape} of the pytree saved at `path`, read from its metadata (no array is read)."""
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no orbax checkpoint at {path}")
+    try:
+        with ocp.StandardCheckpointer() as ckpt:
+            meta = ckpt.metadata(path)
+        tree = meta.item_metadata.tree
+    except (FileNotFoundError, ValueError, AttributeError) as e:  # no or unreadable _METADATA: not a finished save
+        raise ValueError(f"{path} is not a readable orbax checkpoint ({type(e).__name__}: {e})") from None
+    return {p: tuple(m.shape) for p, m in traverse_util.flatten_dict(tree).items()}
+
+
 def _abstract(x):
     sharding = getattr(x, "sharding", None)
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+
+def _os_error_code(e: BaseException) -> int | None:
+    if isinstance(e, OSError):
+        return e.errno
+    match = _OS_ERROR_CODE.search(str(e))
+    return int(match[1]) if match else None
+
+
+class _Held(logging.Filter):
+    """Holds back orbax's ERROR records until `release()`."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname:
+            self.records.append(record)
+            return False
+        return True
+
+    def release(self) -> None:
+        records, self.records = self.records, []
+        for r in records:
+            logging.getLogger(r.name).handle(r)
+
+
+def _drop_closed_loop_noise() -> None:
+    """After a failed save, TensorStore's pending write callbacks find orbax's event loop closed and report
+    RuntimeError("Event loop is closed") as unraisable, a traceback each: noise after the error raised here."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_noise", False):
+        return
+
+    def hook(u):
+        if not (u.exc_type is RuntimeError and str(u.exc_value) == "Event loop is closed"):
+            previous(u)
+
+    hook.drops_closed_loop_noise = True
+    sys.unraisablehook = hook

@@ -1,6 +1,7 @@
 """Strict conversion, sharded and bf16 safetensors, orbax and diffusers round trips."""
 
 import json
+import re
 import shutil
 
 import jax
@@ -14,9 +15,10 @@ from helpers import edited_copy, save_component
 from safetensors.torch import save_file as torch_save_file
 from torch_vae import make_vae
 
-from conversion import ConversionError, load_component
-from conversion.convert import convert
+from conversion import ConversionError, SafetensorsError, load_component
+from conversion.convert import convert, parse_overrides, partial_path
 from conversion.safetensors_io import TensorSource, save_file
+from d4k_jax import checkpoint
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -169,3 +171,134 @@ def test_pickled_weights_load_with_weights_only(folder, tmp_path):
     _, want = load_component(folder)
     _, got = load_component(out)
     jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+def _raw_safetensors(path, header, data=b""):
+    """A safetensors file with exactly this header (a dict, or raw bytes) and data part."""
+    blob = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(len(blob).to_bytes(8, "little") + blob + data)
+    return path
+
+
+def test_truncated_safetensors_names_file_and_tensors(folder, tmp_path):
+    bad = tmp_path / "cut"
+    shutil.copytree(folder, bad)
+    weights = bad / WEIGHTS
+    header = TensorSource([weights])._where
+    last = max(header, key=lambda k: header[k][1]["data_offsets"][1])
+    weights.write_bytes(weights.read_bytes()[:-100])  # as a download cut short
+    with pytest.raises(SafetensorsError, match="truncated") as err:
+        load_component(bad)
+    assert str(weights) in str(err.value) and repr(last) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("header", "data", "needle"),
+    [
+        (b"\x00{not json", b"", "header is not JSON"),
+        (b"[1, 2]", b"", "header is a JSON list"),
+        (
+            {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}},
+            bytes(8),
+            "'w': data_offsets [0, 4] hold 4 bytes",
+        ),
+        ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, bytes(8), "'w': data_offsets [8, 0] (expected"),
+        (
+            {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}},
+            bytes(8),
+            "'w': data_offsets [0, 16] end past",
+        ),
+        ({"w": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 2]}}, bytes(2), "'w': unsupported dtype 'Q4'"),
+        ({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, bytes(4), "'w': shape [-1]"),
+        ({"w": [0, 4]}, bytes(4), "'w': entry [0, 4]"),
+        (
+            {
+                "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+            },
+            bytes(16),
+            "'b': data_offsets [4, 12] overlap tensor 'a'",
+        ),
+    ],
+)
+def test_corrupt_safetensors_header_is_named(tmp_path, header, data, needle):
+    path = _raw_safetensors(tmp_path / "bad.safetensors", header, data)
+    with pytest.raises(SafetensorsError, match=re.escape(needle)) as err:
+        TensorSource([path])
+    assert str(path) in str(err.value)
+
+
+def test_every_problem_of_a_header_is_listed(tmp_path):
+    header = {
+        "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]},
+        "b": {"dtype": "X", "shape": [1], "data_offsets": [4, 8]},
+    }
+    with pytest.raises(SafetensorsError, match=r"(?s)'a': data_offsets.*'b': unsupported dtype"):
+        TensorSource([_raw_safetensors(tmp_path / "two.safetensors", header, bytes(8))])
+
+
+def test_misshaped_orbax_params_is_a_conversion_error(folder, tmp_path):
+    convert(folder, tmp_path / "flax")
+    cfg_file = tmp_path / "flax" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg_file.write_text(json.dumps({**cfg, "latent_channels": cfg["latent_channels"] + 2}))  # params/ no longer fit
+    with pytest.raises(ConversionError, match=r"wrong shape") as err:
+        load_component(tmp_path / "flax")
+    c, width = cfg["latent_channels"], cfg["block_out_channels"][-1]
+    assert f"encoder/conv_out/kernel: (3, 3, {width}, {2 * c}) -> (3, 3, {width}, {2 * c + 4})" in err.value.misshaped
+    assert str(tmp_path / "flax" / "params") in str(err.value)
+
+
+def test_unknown_override_is_an_error_listing_valid_keys(folder):
+    with pytest.raises(ValueError, match=r"override keys \['strde'\] are not read by AutoencoderKL.*'stride'"):
+        load_component(folder, strde=2)
+
+
+def test_pipeline_overrides_address_components(folder, tmp_path):
+    pipe = tmp_path / "pipe"
+    pipe.mkdir()
+    shutil.copytree(folder, pipe / "vae")
+    (pipe / "tokenizer").mkdir()
+    (pipe / "tokenizer" / "vocab.json").write_text("{}")
+    index = {"vae": ["diffusers", "AutoencoderKL"], "tokenizer": ["transformers", "CLIPTokenizer"]}
+    (pipe / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError) as err:  # every bad override in one error, before anything is written
+        convert(pipe, tmp_path / "bad", overrides={"strde": 2, "vae.shift": 0.1, "tokenizer.x": 1})
+    for needle in ("['shift', 'strde'] are not read by AutoencoderKL", "'stride'", "['tokenizer.x']", "['vae']"):
+        assert needle in str(err.value)
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.partial").exists()
+    convert(pipe, tmp_path / "f16", overrides={"stride": 2, "vae.shifted_tail": True})  # bare keys reach the VAE
+    assert json.loads((tmp_path / "f16" / "vae" / "config.json").read_text())["stride"] == 2
+    assert json.loads((tmp_path / "f16" / "vae" / "config.json").read_text())["shifted_tail"] is True
+    with pytest.raises(ValueError, match=r"\['vae.stride'\]: COMPONENT.KEY overrides need a pipeline folder"):
+        convert(folder, tmp_path / "one", overrides={"vae.stride": 2})
+
+
+def test_override_flag_values_are_parsed_with_named_errors():
+    assert parse_overrides(["stride=2", "vae.scaling_factor=0.5", "axes=[1, 2]"]) == {
+        "stride": 2,
+        "vae.scaling_factor": 0.5,
+        "axes": [1, 2],
+    }
+    with pytest.raises(ValueError, match=r"'stride' \(expected KEY=VALUE\).*the value 'two' is not JSON"):
+        parse_overrides(["stride", "stride=two"])
+
+
+def test_failed_convert_leaves_nothing_that_blocks_a_rerun(folder, tmp_path, monkeypatch):
+    dst = tmp_path / "out"
+    partial_path(dst).mkdir()
+    (partial_path(dst) / "junk").write_text("left by a killed run")
+
+    def crash(*args):
+        raise RuntimeError("killed while saving")
+
+    monkeypatch.setattr(checkpoint, "save_params", crash)
+    with pytest.raises(RuntimeError, match="killed while saving"):
+        convert(folder, dst)
+    assert not dst.exists() and not partial_path(dst).exists()
+    monkeypatch.undo()
+    partial_path(dst).mkdir()  # a stale partial folder (a SIGKILL) is removed by the rerun
+    convert(folder, dst)
+    assert (dst / "params").is_dir() and not partial_path(dst).exists()
+    with pytest.raises(FileExistsError, match=re.escape(f"--dst {dst} exists")):
+        convert(folder, dst)
