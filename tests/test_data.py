@@ -190,3 +190,67 @@ def test_worker_processes_resume(built):
     for a, b in zip(expected, [next(resumed) for _ in range(3)], strict=True):
         np.testing.assert_array_equal(a["key"], b["key"])
         np.testing.assert_array_equal(a["image"], b["image"])
+
+
+def _folder(root: Path, names: list[str], seed: int = 0) -> Path:
+    """<root>/train with one small PNG per name and a metadata line each."""
+    split = root / "train"
+    split.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for name in names:
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), np.uint8)).save(split / name)
+    (split / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": n}) + "\n" for n in names))
+    return root
+
+
+def test_file_name_outside_the_split_is_skipped_and_named(tmp_path):
+    root = _folder(tmp_path / "src", ["ok.png"])
+    secret = tmp_path / "secret.png"  # a decodable image outside the split: it must not enter the dataset
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(secret)
+    (root / "train" / "link.png").symlink_to(secret)
+    with open(root / "train" / "metadata.jsonl", "a") as f:
+        for name in ("../secret.png", str(secret), "link.png"):
+            f.write(json.dumps({"file_name": name, "text": "escape"}) + "\n")
+    stats = aesthetic4k.build(root, "train", tmp_path / "tfds", num_threads=1)
+    assert stats.written == 1
+    reasons = dict(stats.skipped)
+    assert set(reasons) == {"../secret.png", str(secret), "link.png"}
+    assert "'..'" in reasons["../secret.png"] and "absolute" in reasons[str(secret)]
+    assert "outside" in reasons["link.png"]
+
+
+def test_outside_allows_paths_inside_the_split(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "inner").symlink_to(tmp_path / "a")  # a symlink that stays inside
+    assert aesthetic4k.outside(tmp_path, "a/x.png") is None
+    assert aesthetic4k.outside(tmp_path, "a/inner/x.png") is None
+    assert aesthetic4k.outside(tmp_path / "a", "../a/x.png") is not None
+
+
+def _records(data_dir):
+    src = input_pipeline.data_source(data_dir, "train")
+    return [src[i]["file_name"].decode() for i in range(len(src))]
+
+
+def test_overwrite_keeps_the_old_dataset_until_the_new_one_is_complete(tmp_path):
+    data_dir = tmp_path / "tfds"
+    aesthetic4k.build(_folder(tmp_path / "old", ["a.png", "b.png"]), "train", data_dir, num_threads=1)
+    broken = _folder(tmp_path / "broken", ["c.png"])
+    (broken / "train" / "c.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="no decodable image"):  # the new build fails...
+        aesthetic4k.build(broken, "train", data_dir, overwrite=True, num_threads=1)
+    assert _records(data_dir) == ["a.png", "b.png"]  # ...and the old dataset is whole
+    assert not aesthetic4k.partial_dir(data_dir, "train").exists()
+    stats = aesthetic4k.build(_folder(tmp_path / "new", ["c.png"]), "train", data_dir, overwrite=True, num_threads=1)
+    assert stats.written == 1 and _records(data_dir) == ["c.png"]
+
+
+def test_a_swap_killed_between_its_renames_is_finished_by_the_rerun(tmp_path):
+    data_dir = tmp_path / "tfds"
+    src = _folder(tmp_path / "src", ["a.png"])
+    aesthetic4k.build(src, "train", data_dir, num_threads=1)
+    partial = aesthetic4k.partial_dir(data_dir, "train")
+    partial.mkdir()
+    aesthetic4k.dataset_dir(data_dir, "train").rename(partial / "previous")  # the state after the first rename
+    assert aesthetic4k.build(src, "train", data_dir).written == 1  # reused, not rebuilt
+    assert _records(data_dir) == ["a.png"] and not partial.exists()

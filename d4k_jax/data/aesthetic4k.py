@@ -3,6 +3,9 @@
 A source split is `<src>/<split>/metadata.jsonl` (Hugging Face imagefolder: `{"file_name": ..., "text": ...}` per
 line, paths relative to the metadata file's folder). Each split becomes its own builder config, so splits can be
 built one at a time into `<data_dir>/aesthetic4k/<config>/<version>/`, `<config>` being the split with `/` -> `_`.
+Lines whose image cannot be decoded, or whose file_name leaves the split's folder (absolute, `..`, a symlink out),
+are skipped and named in the build's summary. A build writes into `<data_dir>/.aesthetic4k-<config>.partial/` and
+replaces the dataset only when complete (`--overwrite` keeps the old one until then).
 
 TFDS 4.9.10 writes and reads array_record without TensorFlow: its example serializer/parser and the array_record
 writer have NumPy paths, which it takes when TF is not importable. The image is a scalar bytes Tensor feature (not
@@ -12,9 +15,12 @@ writer have NumPy paths, which it takes when TF is not importable. The image is 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import io
 import json
+import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -53,8 +59,28 @@ class BuildStats:
         return "\n".join(lines + [f"  skipped {name}: {why}" for name, why in self.skipped])
 
 
-def _load(path: Path) -> tuple[bytes, int, int] | str:
-    """(file bytes, width, height) when PIL can fully decode the bytes, else the reason it cannot."""
+_BYTES_IO = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>")  # PIL names the buffer; the file is named already
+
+
+def outside(split_dir: Path, file_name: str) -> str | None:
+    """Why `file_name` does not name a file inside `split_dir` (None when it does): an absolute path, a `..`,
+    or a symlink that resolves out of the split would let a metadata line read any file into the dataset."""
+    name = Path(file_name)
+    if name.is_absolute():
+        return f"absolute file_name (expected a path relative to {split_dir})"
+    if ".." in name.parts:
+        return f"file_name with '..' (expected a path inside {split_dir})"
+    real = (split_dir / name).resolve()
+    if not real.is_relative_to(split_dir.resolve()):
+        return f"file_name resolves to {real}, outside {split_dir} (a symlink out of the split)"
+    return None
+
+
+def _load(split_dir: Path, file_name: str) -> tuple[bytes, int, int] | str:
+    """(file bytes, width, height) when PIL can fully decode the file, else the reason it cannot."""
+    if why := outside(split_dir, file_name):
+        return why
+    path = split_dir / file_name
     try:
         data = path.read_bytes()
         with Image.open(io.BytesIO(data)) as im:
@@ -62,7 +88,7 @@ def _load(path: Path) -> tuple[bytes, int, int] | str:
             im.convert("RGB")  # full decode: truncated or corrupt files fail here, as they would in training
         return data, w, h
     except Exception as e:  # any failure means "not usable", whatever PIL or the OS raised
-        return f"{type(e).__name__}: {e}"
+        return f"{type(e).__name__}: {_BYTES_IO.sub('', str(e))}"
 
 
 class Aesthetic4k(tfds.core.GeneratorBasedBuilder):
@@ -118,7 +144,7 @@ class Aesthetic4k(tfds.core.GeneratorBasedBuilder):
         with ThreadPoolExecutor(self._num_threads) as pool, tqdm(total=len(entries), desc="Checking images") as bar:
             for start in range(0, len(entries), chunk):
                 part = entries[start : start + chunk]
-                results = pool.map(_load, [meta.parent / f for f, _ in part])
+                results = pool.map(_load, [meta.parent] * len(part), [f for f, _ in part])
                 for i, ((name, text), res) in enumerate(zip(part, results, strict=True), start):
                     bar.update()
                     if isinstance(res, str):
@@ -138,12 +164,64 @@ class Aesthetic4k(tfds.core.GeneratorBasedBuilder):
 def build(
     src: str | Path, split: str, data_dir: str | Path, *, overwrite: bool = False, num_threads: int = 8
 ) -> BuildStats:
-    """Builds (or, unless `overwrite`, reuses) `dataset_dir(data_dir, split)` from `<src>/<split>/metadata.jsonl`."""
-    builder = Aesthetic4k(src=src, split=split, num_threads=num_threads, data_dir=str(data_dir))
-    mode = "force_redownload" if overwrite else "reuse_dataset_if_exists"
-    config = tfds.download.DownloadConfig(download_mode=tfds.download.GenerateMode(mode))
-    with tempfile.TemporaryDirectory() as tmp:  # nothing is downloaded; keeps TFDS's downloads/ out of data_dir
-        builder.download_and_prepare(download_dir=tmp, file_format="array_record", download_config=config)
-    info = tfds.builder_from_directory(str(dataset_dir(data_dir, split))).info
+    """Builds (or, unless `overwrite`, reuses) `dataset_dir(data_dir, split)` from `<src>/<split>/metadata.jsonl`.
+
+    The dataset is built in `partial_dir(data_dir, split)` (a TFDS data_dir of its own) and moved into place
+    when complete, so an existing dataset stays whole until then, whatever happens to the build (a full
+    disk, a kill); a rerun removes a stale partial folder (and finishes a swap a kill interrupted)."""
+    final, partial = dataset_dir(data_dir, split), partial_dir(data_dir, split)
+    _finish_swap(final, partial)
+    if partial.exists():
+        logging.warning("removing %s, left by an interrupted build", partial)
+        shutil.rmtree(partial)
+    if final.is_dir() and not overwrite:
+        return _stats(final, split)
+    if not Path(src).is_dir():
+        raise FileNotFoundError(f"--src {src}: no such folder (expected an imagefolder root holding <split>/)")
+    try:
+        builder = Aesthetic4k(src=src, split=split, num_threads=num_threads, data_dir=str(partial))
+        with tempfile.TemporaryDirectory() as tmp:  # nothing is downloaded; keeps TFDS's downloads/ out of data_dir
+            builder.download_and_prepare(download_dir=tmp, file_format="array_record")
+        _swap(dataset_dir(partial, split), final, partial / _PREVIOUS)
+    except RuntimeError as e:  # array_record reports a failed write as a RuntimeError with the OS's words
+        code = next((c for c in _DISK_FULL if os.strerror(c) in str(e)), None)
+        if code is None:
+            raise
+        raise OSError(code, os.strerror(code), str(partial)) from None
+    finally:
+        _finish_swap(final, partial)  # a failed second rename of the swap must not delete the old dataset
+        shutil.rmtree(partial, ignore_errors=True)
+    return _stats(final, split)
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+_PREVIOUS = "previous"  # inside the partial folder: the replaced dataset, between the two renames of a swap
+
+
+def partial_dir(data_dir: str | Path, split: str) -> Path:
+    """Where `build` writes before moving the dataset into `dataset_dir(data_dir, split)`."""
+    return Path(data_dir) / f".{NAME}-{config_name(split)}.partial"
+
+
+def _swap(new: Path, final: Path, previous: Path) -> None:
+    """Move `new` to `final`; an existing `final` goes to `previous` first and is deleted after."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():
+        final.rename(previous)
+    new.rename(final)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def _finish_swap(final: Path, partial: Path) -> None:
+    """A build killed between the two renames of `_swap` left no `final` and the old dataset in the partial
+    folder: put it back (the rerun then reuses or rebuilds it as asked)."""
+    previous = partial / _PREVIOUS
+    if previous.is_dir() and not final.exists():
+        logging.warning("restoring %s from %s (an interrupted build)", final, previous)
+        previous.rename(final)
+
+
+def _stats(final: Path, split: str) -> BuildStats:
+    info = tfds.builder_from_directory(str(final)).info
     skipped = [tuple(s) for s in info.metadata.get("skipped", [])]
-    return BuildStats(dataset_dir(data_dir, split), info.splits[config_name(split)].num_examples, skipped)
+    return BuildStats(final, info.splits[config_name(split)].num_examples, skipped)

@@ -1,6 +1,9 @@
 """Builds one split of an Aesthetic-4K-style imagefolder into TFDS array_record shards.
 
 python -m d4k_jax.data.build --src=ROOT --split=train --data_dir=DIR [--overwrite] [--num_threads=8]
+
+Prints how many records were written and names every skipped line (undecodable image, file_name outside the
+split's folder, bad JSON). The dataset is replaced only once the new one is complete (see aesthetic4k.build).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ def _define_flags() -> None:
     flags.DEFINE_string("src", None, "imagefolder root holding <split>/metadata.jsonl", required=True)
     flags.DEFINE_string("split", "train", "source split, e.g. train, eval/size_2048, eval/size_4096")
     flags.DEFINE_string("data_dir", None, "TFDS data_dir to write aesthetic4k/<split>/<version>/ into", required=True)
-    flags.DEFINE_bool("overwrite", False, "rebuild even if the dataset already exists")
+    flags.DEFINE_bool("overwrite", False, "rebuild even if the dataset exists (replaced once the new one is complete)")
     flags.DEFINE_integer("num_threads", 8, "threads reading and decode-checking images")
 
 
