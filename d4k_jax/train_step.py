@@ -77,7 +77,8 @@ def sample_sigmas(key: jax.Array, batch: int, cfg: LossConfig) -> jax.Array:
 def loss_from_noise(model: nn.Module, params, batch: dict, noise: jax.Array, sigma: jax.Array, cfg: LossConfig):
     """The loss for given noise and sigma (what the parity test drives)."""
     x0 = batch["x0"]
-    x_t = flow.add_noise(x0.astype(jnp.float32), noise.astype(jnp.float32), sigma).astype(model.dtype)
+    f = jnp.promote_types(x0.dtype, jnp.float32)  # float64 in the float64 parity test
+    x_t = flow.add_noise(x0.astype(f), noise.astype(f), sigma).astype(model.dtype)
     if cfg.model == "flux":
         guidance = jnp.full(sigma.shape, cfg.guidance) if model.config.guidance_embeds else None
         v = model.apply({"params": params}, x_t, sigma, batch["text"], batch["pooled"], guidance)

@@ -37,10 +37,11 @@ def wlf_loss(
 ) -> jax.Array:
     """Scalar WLF loss; velocity, x0, noise [B, h, w, C], sigma [B]. `subband_weights` (one per entry of
     `subbands`, default all 1) weight each coefficient's squared error by its subband."""
-    s = sigma.astype(jnp.float32)[:, None, None, None]
-    x0 = x0.astype(jnp.float32)
-    x_t = (1 - s) * x0 + s * noise.astype(jnp.float32)
-    x0_hat = x_t - s * velocity.astype(jnp.float32)
+    f = jnp.promote_types(jnp.result_type(velocity, x0), jnp.float32)  # float32, or float64 for float64 inputs
+    s = sigma.astype(f)[:, None, None, None]
+    x0 = x0.astype(f)
+    x_t = (1 - s) * x0 + s * noise.astype(f)
+    x0_hat = x_t - s * velocity.astype(f)
     # the DWT is linear: transform the error once instead of both signals
     bands = subbands(x0_hat - x0, wavelet=wavelet, level=level)
     weights = [1.0] * len(bands) if subband_weights is None else list(subband_weights)
@@ -53,5 +54,6 @@ def wlf_loss(
 
 def flow_matching_loss(velocity: jax.Array, x0: jax.Array, noise: jax.Array) -> jax.Array:
     """The plain rectified-flow loss mean((v - (eps - x0))²): the "fine-tune without WLF" ablation."""
-    target = noise.astype(jnp.float32) - x0.astype(jnp.float32)
-    return jnp.mean(jnp.square(velocity.astype(jnp.float32) - target))
+    f = jnp.promote_types(jnp.result_type(velocity, x0), jnp.float32)
+    target = noise.astype(f) - x0.astype(f)
+    return jnp.mean(jnp.square(velocity.astype(f) - target))

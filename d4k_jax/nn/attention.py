@@ -67,7 +67,7 @@ def dot_product_attention(
     """Softmax attention. q [B, L, N, K], k and v [B, S, N, K] -> [B, L, N, K].
 
     `bias` is added to the scores and `mask` (True = attend) selects keys; both broadcast to
-    [B, N, L, S]. `scale` defaults to 1/sqrt(K). Softmax is computed in float32.
+    [B, N, L, S]. `scale` defaults to 1/sqrt(K). Softmax is computed in float32 (float64 for float64 inputs).
     """
     if q.ndim != 4 or k.shape != v.shape or q.shape[::2] != k.shape[::2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"attention expects q [B, L, N, K] and k, v [B, S, N, K]; got {q.shape}, {k.shape}")
@@ -83,11 +83,12 @@ def dot_product_attention(
 
 
 def _xla_attention(q, k, v, bias, mask, scale):
-    scores = jnp.einsum("blnk,bsnk->bnls", q, k, preferred_element_type=jnp.float32) * scale
+    acc = jnp.promote_types(q.dtype, jnp.float32)
+    scores = jnp.einsum("blnk,bsnk->bnls", q, k, preferred_element_type=acc) * scale
     if bias is not None:
-        scores = scores + bias.astype(jnp.float32)
+        scores = scores + bias.astype(acc)
     if mask is not None:
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        scores = jnp.where(mask, scores, jnp.finfo(acc).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("bnls,bsnk->blnk", probs, v)
 

@@ -25,16 +25,22 @@ def embedding_table(
 def timestep_embedding(
     t: jax.Array, dim: int, *, flip_sin_to_cos: bool = True, freq_shift: float = 0.0, max_period: float = 10000.0
 ) -> jax.Array:
-    """Sinusoidal embedding of t [B] -> [B, dim] in float32 (diffusers' get_timestep_embedding).
+    """Sinusoidal embedding of t [B] -> [B, dim] in float32 (diffusers' get_timestep_embedding), or in
+    float64 for a float64 t (a float64 run is compared with a float64 reference; diffusers itself stays float32).
 
-    sin(t f) at t ~ 1000 (x1000 timesteps, guidance 3500) turns one ulp of f into ~1e-4, so the
+    sin(t f) at t ~ 1000 (x1000 timesteps, guidance 3500) turns one ulp of f into ~1e-4, so the float32
     frequencies are a constant: diffusers' float32 exponents, exponentiated in float64 and rounded once
-    (XLA's float32 exp differs from torch's in the last bit for 17 of 128 frequencies; this table in 2).
+    (correctly rounded; torch's own float32 exp is off by an ulp for 2 of 128 frequencies on an AVX-512
+    CPU, XLA's for 17, and which ones depends on the instruction set).
     """
     half = dim // 2
-    exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half - freq_shift)
-    freqs = jnp.asarray(np.exp(exponent.astype(np.float64)).astype(np.float32))
-    args = t.astype(jnp.float32)[:, None] * freqs[None]
+    if jnp.promote_types(t.dtype, jnp.float32) == jnp.float64:
+        exponent = -math.log(max_period) * np.arange(half, dtype=np.float64) / (half - freq_shift)
+        args = t[:, None] * jnp.asarray(np.exp(exponent))[None]
+    else:
+        exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half - freq_shift)
+        freqs = jnp.asarray(np.exp(exponent.astype(np.float64)).astype(np.float32))
+        args = t.astype(jnp.float32)[:, None] * freqs[None]
     sin, cos = jnp.sin(args), jnp.cos(args)
     emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
     return jnp.pad(emb, ((0, 0), (0, dim % 2)))

@@ -1,4 +1,7 @@
-"""Normalisation layers with logical axis names and torch-identical statistics."""
+"""Normalisation layers with logical axis names and torch-identical statistics.
+
+Statistics are computed in float32 (float64 for float64 inputs: `stats_dtype`), whatever the compute dtype.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+
+def stats_dtype(x: jax.Array) -> jnp.dtype:
+    """float32, or float64 for float64 inputs: never less precise than float32, never less than the input."""
+    return jnp.promote_types(x.dtype, jnp.float32)
 
 
 def group_stats(x: jax.Array, num_groups: int) -> tuple[jax.Array, jax.Array]:
@@ -34,14 +42,14 @@ def group_norm(
     is one band of it) replace the statistics of x itself."""
     mean, var = group_stats(x, num_groups) if stats is None else stats
     y = ((_grouped(x, num_groups) - mean) * jax.lax.rsqrt(var + epsilon)).reshape(x.shape)
-    return y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y * scale.astype(y.dtype) + bias.astype(y.dtype)
 
 
 def _grouped(x: jax.Array, num_groups: int) -> jax.Array:
     c = x.shape[-1]
     if c % num_groups:
         raise ValueError(f"GroupNorm: {c} channels are not divisible into {num_groups} groups")
-    return x.astype(jnp.float32).reshape(*x.shape[:-1], num_groups, c // num_groups)
+    return x.astype(stats_dtype(x)).reshape(*x.shape[:-1], num_groups, c // num_groups)
 
 
 class GroupNorm(nn.Module):
@@ -78,14 +86,14 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         d = x.shape[-1]
-        xf = x.astype(jnp.float32)
+        xf = x.astype(stats_dtype(x))
         mean = xf.mean(-1, keepdims=True)
         y = (xf - mean) * jax.lax.rsqrt(jnp.square(xf - mean).mean(-1, keepdims=True) + self.epsilon)
         init = lambda f: nn.with_logical_partitioning(f, (self.axis_name,))
         if self.use_scale:
-            y = y * self.param("scale", init(nn.initializers.ones_init()), (d,), self.param_dtype).astype(jnp.float32)
+            y = y * self.param("scale", init(nn.initializers.ones_init()), (d,), self.param_dtype).astype(xf.dtype)
         if self.use_bias:
-            y = y + self.param("bias", init(nn.initializers.zeros_init()), (d,), self.param_dtype).astype(jnp.float32)
+            y = y + self.param("bias", init(nn.initializers.zeros_init()), (d,), self.param_dtype).astype(xf.dtype)
         return y.astype(self.dtype)
 
 
@@ -99,7 +107,7 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        xf = x.astype(jnp.float32)
+        xf = x.astype(stats_dtype(x))
         y = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + self.epsilon)
         scale = self.param(
             "scale",
@@ -107,4 +115,4 @@ class RMSNorm(nn.Module):
             (x.shape[-1],),
             self.param_dtype,
         )
-        return (y * scale.astype(jnp.float32)).astype(self.dtype)
+        return (y * scale.astype(xf.dtype)).astype(self.dtype)
