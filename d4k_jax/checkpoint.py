@@ -27,6 +27,8 @@ def save_params(path: str | os.PathLike, params: Any) -> None:
     path = os.path.abspath(path)
     logger, held = logging.getLogger("absl"), _Held()  # orbax logs through absl
     logger.addFilter(held)
+    unraisable = sys.unraisablehook
+    sys.unraisablehook = _without_closed_loop_noise(unraisable)
     try:
         with ocp.StandardCheckpointer() as ckpt:
             ckpt.save(path, params)
@@ -35,8 +37,9 @@ def save_params(path: str | os.PathLike, params: Any) -> None:
         if code not in _DISK_FULL:
             raise
         held.records.clear()
-        _drop_closed_loop_noise()
         raise OSError(code, os.strerror(code), path) from None
+    else:
+        sys.unraisablehook = unraisable  # after a failure the noise can come later: the filter stays
     finally:
         logger.removeFilter(held)
         held.release()
@@ -98,16 +101,13 @@ class _Held(logging.Filter):
             logging.getLogger(r.name).handle(r)
 
 
-def _drop_closed_loop_noise() -> None:
-    """After a failed save, TensorStore's pending write callbacks find orbax's event loop closed and report
-    RuntimeError("Event loop is closed") as unraisable, a traceback each: noise after the error raised here."""
-    previous = sys.unraisablehook
-    if getattr(previous, "drops_closed_loop_noise", False):
-        return
+def _without_closed_loop_noise(hook):
+    """`hook` (sys.unraisablehook) less one noise: when a save fails, TensorStore's pending write callbacks
+    find orbax's event loop closed, and each reports RuntimeError("Event loop is closed") with a traceback,
+    before and after the error itself is raised."""
 
-    def hook(u):
+    def filtered(u):
         if not (u.exc_type is RuntimeError and str(u.exc_value) == "Event loop is closed"):
-            previous(u)
+            hook(u)
 
-    hook.drops_closed_loop_noise = True
-    sys.unraisablehook = hook
+    return filtered
