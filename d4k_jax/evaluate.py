@@ -14,8 +14,10 @@ Metrics whose weights are not given are reported as not computed, with the reaso
 
 from __future__ import annotations
 
-import json
+import os
+import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +51,30 @@ PROTOCOL = {
 }
 
 
+def stats_file(cache: str) -> Path:
+    """The file of `--fid_reference_stats`: the name as given when it ends in .npz or exists, else with .npz
+    appended (numpy's savez appends it, so `stats` is written as, and found again as, stats.npz)."""
+    path = Path(cache).expanduser()
+    return path if path.suffix == ".npz" or path.is_file() else path.with_name(path.name + ".npz")
+
+
+def _load_stats(path: Path) -> FeatureStats:
+    try:
+        return FeatureStats.load(path)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(
+            f"--fid_reference_stats={path} is not FID statistics written by d4k_jax.evaluate ({type(e).__name__}: "
+            f"{e}); delete it to compute them again"
+        ) from e
+
+
 def reference_stats(paths: suite.Weights, reference: str, cache: str, size: int, batch_size: int, limit: int):
     """The real set's Inception statistics: loaded from `cache` if it exists, else computed (and saved
     there); None if there is no reference or no FID weights."""
-    if cache and Path(cache).is_file():
+    cache = stats_file(cache) if cache else None
+    if cache and cache.is_file():
         logging.info("FID reference statistics from %s", cache)
-        return FeatureStats.load(cache)
+        return _load_stats(cache)
     if not reference:
         return None
     try:
@@ -67,8 +87,47 @@ def reference_stats(paths: suite.Weights, reference: str, cache: str, size: int,
     ):
         stats.update(np.asarray(net(np.stack(batch.images))))
     if cache:
-        stats.save(cache)
+        tmp = cache.with_name(f".{cache.stem}.partial.npz")  # renamed when whole: a crash leaves no bad cache
+        stats.save(tmp)
+        os.replace(tmp, cache)
+        logging.info("FID reference statistics saved to %s", cache)
     return stats
+
+
+def set_size(items: list[image_sets.Item], size: int) -> tuple[int, bool]:
+    """(the size images are measured at, whether the set mixes image sizes), from the file headers.
+    A mixed set needs --size (every image not size² is then resized and centre-cropped to it)."""
+    sizes = image_sets.header_sizes(items)
+    if not sizes:
+        raise ValueError(f"none of the {len(items)} images can be read (the first: {items[0].path})")
+    (first, hw), other = sizes[0], next(((it, s) for it, s in sizes if s != sizes[0][1]), None)
+    if other and not size:
+        raise ValueError(
+            f"images of different sizes: {first.path} is {hw[0]}x{hw[1]}, {other[0].path} is "
+            f"{other[1][0]}x{other[1][1]}; pass --size=S to resize and centre-crop every image to SxS"
+        )
+    return size or min(hw), other is not None
+
+
+def check_out(path: str | os.PathLike) -> Path:
+    """The report's path, checked before any work: not a folder, in a folder that exists (made if missing)
+    and takes a new file."""
+    out = Path(path).expanduser()
+    if not str(path):
+        raise ValueError("--out is empty; expected the path of the JSON report, e.g. --out=report.json")
+    if out.is_dir():
+        raise IsADirectoryError(
+            f"--out={path} is a folder; expected the path of a JSON file, e.g. {out / 'report.json'}"
+        )
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".check"):
+            pass
+    except (FileExistsError, NotADirectoryError) as e:
+        raise NotADirectoryError(f"--out={path}: {e.filename} is a file, expected a folder to hold the report") from e
+    except PermissionError as e:
+        raise PermissionError(f"--out={path}: cannot write in {out.parent} ({e.strerror})") from e
+    return out
 
 
 def evaluate(
@@ -89,9 +148,19 @@ def evaluate(
 ) -> dict[str, Any]:
     """Runs the metrics over `images` (streamed); returns the report written by the CLI."""
     t0 = time.perf_counter()
+    wrong = []
+    unknown = sorted(set(metrics) - set(suite.GENERATION) - set(suite.RECONSTRUCTION))
+    if unknown:
+        wrong.append(f"unknown metrics {unknown} (known: {', '.join(suite.GENERATION + suite.RECONSTRUCTION)})")
+    if batch_size < 1:
+        wrong.append(f"--batch_size={batch_size} (expected 1 or more)")
+    if wrong:
+        raise ValueError("; ".join(wrong))
     items = image_sets.list_images(images, limit)
-    if not size:  # the generated images' own size; every real image is cropped to it
-        size = min(next(image_sets.batches(items[:1], 1)).images[0].shape[:2])
+    # without --size: the generated images' own size, every real image is cropped to it
+    size, mixed = set_size(items, size)
+    if vae:  # before the reference pass: a bad VAE path fails now
+        roundtrip, params = _vae_roundtrip(vae, stride, vae_dtype, sample_posterior)
     stats = None
     if "fid" in metrics:
         stats = reference_stats(paths, reference, reference_cache, size, batch_size, limit)
@@ -99,16 +168,19 @@ def evaluate(
     total = -(-len(items) // batch_size)
     seen = 0
     if vae:
-        roundtrip, params = _vae_roundtrip(vae, stride, vae_dtype, sample_posterior)
         key = jax.random.key(seed)
         for i, batch in enumerate(tqdm(image_sets.batches(items, batch_size, size), total=total, desc="reconstruct")):
             x = np.stack(batch.images)
             acc.update_pairs(x, roundtrip(params, x, jax.random.fold_in(key, i)))
             seen += len(x)
     else:
-        for batch in tqdm(image_sets.batches(items, batch_size, keep_jpeg=True), total=total, desc="evaluate"):
+        # a generated set is measured at its own size; only a mixed one is brought to --size
+        read = image_sets.batches(items, batch_size, size if mixed else 0, keep_jpeg=True)
+        for batch in tqdm(read, total=total, desc="evaluate"):
             acc.update(batch.images, [it.caption for it in batch.items], batch.jpeg)
             seen += len(batch.images)
+    if not seen:
+        raise ValueError(f"none of the {len(items)} images of {images} can be read (the first: {items[0].path})")
     return {
         "images": str(images),
         "count": seen,
@@ -154,6 +226,7 @@ def main(argv) -> None:
         if f.metrics
         else list(suite.RECONSTRUCTION if f.vae else suite.GENERATION)
     )
+    out = check_out(f.out)
     paths = suite.Weights(
         f.fid_weights, f.clip, f.aesthetic_head, f.aesthetic_clip, f.lpips_backbone, f.lpips_heads, f.lpips_net
     )
@@ -162,9 +235,9 @@ def main(argv) -> None:
         batch_size=f.batch_size, limit=f.limit, vae=f.vae, stride=f.stride, vae_dtype=f.vae_dtype,
         sample_posterior=f.sample_posterior, seed=f.seed,
     )  # fmt: skip
-    Path(f.out).write_text(json.dumps(report, indent=2) + "\n")
+    image_sets.write_json(out, report)
     print(table(report))
-    print(f"{report['count']} images ({report['skipped_unreadable']} unreadable skipped); report: {f.out}")
+    print(f"{report['count']} images ({report['skipped_unreadable']} unreadable skipped); report: {out}")
 
 
 if __name__ == "__main__":
@@ -172,18 +245,23 @@ if __name__ == "__main__":
         "images", None, "folder of images (captions from its metadata.jsonl) or a metadata.jsonl", required=True
     )
     flags.DEFINE_string("reference", "", "real images for FID: a folder or an Aesthetic-4K metadata.jsonl")
-    flags.DEFINE_string("fid_reference_stats", "", ".npz cache of the reference's Inception statistics")
+    flags.DEFINE_string(
+        "fid_reference_stats", "", ".npz cache of the reference's Inception statistics (.npz appended if missing)"
+    )
     flags.DEFINE_string(
         "metrics",
         "",
         f"comma list; default {','.join(suite.GENERATION)} (with --vae: {','.join(suite.RECONSTRUCTION)})",
     )
     flags.DEFINE_integer(
-        "size", 0, "real / reconstructed images are resized and centre-cropped to size²; 0: the images' own"
+        "size",
+        0,
+        "real / reconstructed images (and generated ones of a set that mixes sizes) are resized and centre-cropped "
+        "to size²; 0: the images' own (all of one size)",
     )
     flags.DEFINE_integer("batch_size", 8, "images per batch")
     flags.DEFINE_integer("limit", 0, "use only the first N images (0: all)")
-    flags.DEFINE_string("out", "eval_report.json", "JSON report")
+    flags.DEFINE_string("out", "eval_report.json", "JSON report (its folder is made if missing)")
     flags.DEFINE_string(
         "fid_weights", "", "torch-fidelity's pt_inception-2015-12-05-6726825d.pth (or its .safetensors)"
     )

@@ -99,15 +99,56 @@ def test_vae_reconstruction_protocol(tmp_path):
 
 def test_cli_writes_the_report_and_prints_the_table(tmp_path):
     root, _ = _folder(tmp_path / "gen", n=2)
-    out = tmp_path / "report.json"
+    with (root / "metadata.jsonl").open("a") as f:
+        f.write(json.dumps({"file_name": "broken.png", "text": "a broken image"}) + "\n")
+    (root / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "new" / "report.json"  # its folder is made
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     cmd = [sys.executable, "-m", "d4k_jax.evaluate", f"--images={root}", "--metrics=glcm,cr,fid", f"--out={out}"]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
-    assert report["metrics"]["glcm"]["count"] == 2
+    assert report["metrics"]["glcm"]["count"] == 2 and report["skipped_unreadable"] == 1
     assert "not computed" in result.stdout and "glcm" in result.stdout
-    bad = subprocess.run(
-        [*cmd[:3], f"--images={tmp_path / 'none'}"], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert bad.returncode != 0 and "none" in bad.stderr
+    assert "2 images (1 unreadable skipped)" in result.stdout and "broken.png" in result.stderr
+
+
+def test_fid_reference_statistics_are_found_again_without_the_npz_suffix(tmp_path):
+    stats = FeatureStats(4)
+    stats.update(np.arange(12.0).reshape(3, 4))
+    stats.save(tmp_path / "stats")  # numpy writes stats.npz
+    assert evaluate.stats_file(str(tmp_path / "stats")) == tmp_path / "stats.npz"
+    found = evaluate.reference_stats(suite.Weights(), "", str(tmp_path / "stats"), 64, 8, 0)
+    assert found is not None and found.count == 3 and np.array_equal(found.sum, stats.sum)
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match=r"bad\.npz is not FID statistics written by d4k_jax\.evaluate"):
+        evaluate.reference_stats(suite.Weights(), "", str(tmp_path / "bad"), 64, 8, 0)
+
+
+def test_mixed_sizes_need_size_and_an_unreadable_first_image_is_skipped(tmp_path):
+    root, images = _folder(tmp_path / "gen", n=2)
+    (root / "metadata.jsonl").unlink()
+    Image.fromarray(demo_examples(1, 80)[0][0]).save(root / "big.png")
+    with pytest.raises(ValueError, match=r"different sizes: .*00000\.png is 64x64, .*big\.png is 80x80; pass --size"):
+        evaluate.evaluate(str(root), ["glcm", "cr"], suite.Weights())
+    report = evaluate.evaluate(str(root), ["glcm", "cr"], suite.Weights(), size=64)
+    big = center_crop(Image.open(root / "big.png"), 64)
+    assert report["metrics"]["cr"]["value"] == pytest.approx(compression.compression_ratio([*images, big]), rel=1e-12)
+    (root / "big.png").unlink()
+    (root / "0_broken.png").write_bytes(b"\x89PNG not really")  # sorted first
+    report = evaluate.evaluate(str(root), ["cr"], suite.Weights())
+    assert report["count"] == 2 and report["skipped_unreadable"] == 1 and report["size"] == 64
+    for p in root.glob("0000*.png"):
+        p.unlink()
+    with pytest.raises(ValueError, match=r"none of the 1 images can be read \(the first: .*0_broken\.png\)"):
+        evaluate.evaluate(str(root), ["cr"], suite.Weights())
+
+
+def test_out_is_checked_before_the_work(tmp_path):
+    assert evaluate.check_out(tmp_path / "a" / "b" / "report.json") == tmp_path / "a" / "b" / "report.json"
+    assert (tmp_path / "a" / "b").is_dir() and not list((tmp_path / "a" / "b").iterdir())
+    with pytest.raises(IsADirectoryError, match="is a folder; expected the path of a JSON file"):
+        evaluate.check_out(tmp_path / "a")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match=r"file is a file, expected a folder to hold the report"):
+        evaluate.check_out(tmp_path / "file" / "report.json")

@@ -1,6 +1,7 @@
 """Image sets for evaluation, streamed: a folder (captions from its metadata.jsonl when present) or an
 Aesthetic-4K / `d4k_jax.sample` metadata.jsonl, read a batch at a time by a few threads so that thousands
-of 4K images never sit in memory together."""
+of 4K images never sit in memory together. Also the JSON writer of the evaluation reports (standard JSON:
+no NaN or Infinity, written whole or not at all)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import concurrent.futures
 import dataclasses
 import io
 import json
+import math
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -56,6 +58,20 @@ def list_images(path: str | os.PathLike, limit: int = 0) -> list[Item]:
     return items[:limit] if limit else items
 
 
+def header_sizes(items: Sequence[Item], workers: int = 8) -> list[tuple[Item, tuple[int, int]]]:
+    """(item, (height, width)) of every image whose header can be read (the pixels are not decoded)."""
+
+    def header(item: Item) -> tuple[int, int] | None:
+        try:
+            with Image.open(item.path) as img:
+                return img.height, img.width
+        except (OSError, ValueError):  # unreadable: skipped and counted when the set is read
+            return None
+
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        return [(it, s) for it, s in zip(items, pool.map(header, items), strict=True) if s is not None]
+
+
 def center_crop(img: Image.Image, size: int) -> np.ndarray:
     """RGB, shorter side resized to `size` (bilinear), centre square crop: uint8 [size, size, 3]."""
     img = img.convert("RGB")
@@ -74,8 +90,9 @@ def _read(item: Item, size: int, keep_jpeg: bool) -> tuple[np.ndarray, bytes | N
     except (OSError, ValueError) as e:  # unreadable or truncated: skipped, and counted by the caller
         logging.warning("skipping unreadable image %s: %s", item.path, e)
         return None
-    pixels = center_crop(img, size) if size else np.asarray(img.convert("RGB"))
-    saved = keep_jpeg and not size and item.path.suffix.lower() in JPEG_SUFFIXES
+    as_is = not size or img.size == (size, size)  # an image already size² is not resampled
+    pixels = np.asarray(img.convert("RGB")) if as_is else center_crop(img, size)
+    saved = keep_jpeg and as_is and item.path.suffix.lower() in JPEG_SUFFIXES
     return pixels, data if saved else None
 
 
@@ -83,8 +100,9 @@ def batches(
     items: Sequence[Item], batch_size: int, size: int = 0, keep_jpeg: bool = False, workers: int = 4
 ) -> Iterator[Batch]:
     """Batches of decoded images in order; the next batch is read while the caller works on this one.
-    `size` > 0 resizes (shorter side) and centre-crops to size²; `keep_jpeg` keeps the bytes of JPEG files
-    read at their own size. Unreadable images are left out with a warning (see `Batch.items`)."""
+    `size` > 0 resizes (shorter side) and centre-crops to size² the images not already size²; `keep_jpeg`
+    keeps the bytes of JPEG files read at their own size. Unreadable images are left out with a warning
+    (see `Batch.items`)."""
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         submit = lambda start: [pool.submit(_read, it, size, keep_jpeg) for it in items[start : start + batch_size]]
         pending = submit(0)
@@ -94,3 +112,28 @@ def batches(
             read = [(it, r) for it, r in read if r is not None]
             if read:
                 yield Batch([it for it, _ in read], [r[0] for _, r in read], [r[1] for _, r in read])
+
+
+def finite(value):
+    """`value` with every NaN / infinite float replaced by None (JSON null): standard JSON has neither."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def write_json(path: str | os.PathLike, report) -> None:
+    """The report as standard JSON (non-finite numbers as null), atomically: a crash or a full disk leaves
+    the previous file, never a half-written one."""
+    path = Path(path)
+    text = json.dumps(finite(report), indent=2, allow_nan=False) + "\n"
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+    os.replace(tmp, path)
