@@ -1,14 +1,16 @@
 """VAE round trip: `python -m d4k_jax.reconstruct --config=configs/vae_recon.py[:tiny] --workdir=DIR`.
 
-Encodes each image (demo set or a folder), decodes it, and writes `DIR/recon_XXXX.png` (original left,
-reconstruction right) and `DIR/metrics.json` (PSNR per image and mean). Activations are sharded over all
-devices by image rows, which is what bounds memory at 4096².
+Encodes each image (demo set or a folder), decodes it, and writes original left, reconstruction right, as
+`DIR/recon_demo_XXXX.png` (demo set) or, for FOLDER/sub/x.jpg, `DIR/sub/recon_x.jpg.png` (named by the
+relative path, so that same-named files of different subfolders or suffixes never overwrite each other),
+and `DIR/metrics.json` (PSNR per image, keyed by that relative path, and their mean; standard JSON: an
+infinite PSNR, identical images, is null). Activations are sharded over all devices by image rows, which
+is what bounds memory at 4096². The image size is checked against the VAE's config.json before any weight loads.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import flax.linen as nn
@@ -23,7 +25,7 @@ from tqdm import tqdm
 
 from d4k_jax import cli, sharding
 from d4k_jax.data.demo import demo_examples
-from d4k_jax.metrics.images import IMAGE_SUFFIXES, center_crop
+from d4k_jax.metrics.images import IMAGE_SUFFIXES, center_crop, write_json
 from d4k_jax.models import vae as vae_lib
 
 SPATIAL = ("batch", "height", "width", "channels")
@@ -32,13 +34,7 @@ SPATIAL = ("batch", "height", "width", "channels")
 def load_vae(c: ml_collections.ConfigDict):
     dtype = jnp.dtype(c.dtype)
     if c.random_vae.enabled:
-        cfg = vae_lib.VAEConfig(
-            block_out_channels=tuple(c.random_vae.block_out_channels),
-            layers_per_block=c.random_vae.layers_per_block,
-            norm_num_groups=c.random_vae.norm_num_groups,
-            stride=c.stride,
-            shifted_tail=c.shifted_tail,
-        )
+        cfg = vae_config(c)
         module = vae_lib.AutoencoderKL(cfg, dtype=dtype)
         s = cfg.downsample_factor
         params = jax.jit(module.init)(jax.random.key(c.seed), jnp.zeros((1, s, s, 3)))["params"]
@@ -51,23 +47,68 @@ def load_vae(c: ml_collections.ConfigDict):
     return load_component(c.vae_path, dtype=dtype, stride=c.stride, shifted_tail=c.shifted_tail)
 
 
+def vae_config(c: ml_collections.ConfigDict) -> vae_lib.VAEConfig:
+    """The VAE's config, from config.json (or the random_vae fields): no weights read."""
+    if c.random_vae.enabled:
+        return vae_lib.VAEConfig(
+            block_out_channels=tuple(c.random_vae.block_out_channels),
+            layers_per_block=c.random_vae.layers_per_block,
+            norm_num_groups=c.random_vae.norm_num_groups,
+            stride=c.stride,
+            shifted_tail=c.shifted_tail,
+        )
+    if not c.vae_path:
+        raise ValueError("set --config.vae_path to a diffusers vae folder (or use configs/vae_recon.py:tiny)")
+    from conversion.load import load_config  # torch-free
+    from conversion.vae import config_from_diffusers
+
+    return config_from_diffusers(load_config(c.vae_path, stride=c.stride, shifted_tail=c.shifted_tail))
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Everything checkable before the weights load; one ValueError lists every problem."""
+    problems = []
+    try:
+        factor = vae_config(c).downsample_factor
+    except (ValueError, FileNotFoundError) as e:
+        problems.append(str(e))
+        factor = 1
+    if c.image_size < 1 or c.image_size % factor:
+        problems.append(f"--config.image_size={c.image_size} is not a positive multiple of the VAE's factor {factor}")
+    for name in ("num_images", "batch_size"):
+        if c[name] < 1:
+            problems.append(f"--config.{name}={c[name]} must be at least 1")
+    if c.images and not Path(c.images).is_dir():
+        problems.append(f"--config.images={c.images} is not a folder of images")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 def load_images(c: ml_collections.ConfigDict) -> list[tuple[str, np.ndarray]]:
+    """(name, uint8 [S, S, 3]) pairs: the demo set, or the images of a folder named by their relative path."""
     if not c.images:
         return [(f"demo_{i:04d}", img) for i, (img, _) in enumerate(demo_examples(c.num_images, c.image_size, c.seed))]
     folder = Path(c.images)
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[: c.num_images]
     if not files:
         raise FileNotFoundError(f"--config.images={folder}: no images ({sorted(IMAGE_SUFFIXES)})")
-    out, skipped = [], 0
-    for f in files[: c.num_images]:
+    out = []
+    for f in files:
         try:
-            out.append((f.stem, center_crop(Image.open(f), c.image_size)))
-        except OSError as e:
-            skipped += 1
+            out.append((f.relative_to(folder).as_posix(), center_crop(Image.open(f), c.image_size)))
+        except (OSError, ValueError) as e:
             logging.warning("skipping unreadable image %s: %s", f, e)
-    if skipped:
-        logging.warning("skipped %d unreadable images of %d", skipped, len(files[: c.num_images]))
+    if not out:
+        raise ValueError(f"--config.images={folder}: none of its {len(files)} images can be read (first: {files[0]})")
+    if len(out) < len(files):
+        logging.warning("skipped %d unreadable images of %d", len(files) - len(out), len(files))
     return out
+
+
+def output_path(out_dir: Path, name: str) -> Path:
+    """Where image `name` (a relative path, or demo_XXXX) goes: its subfolder, recon_ + its file name + .png."""
+    rel = Path(name)
+    return out_dir / rel.parent / f"recon_{rel.name}.png"
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -95,12 +136,10 @@ def roundtrip_fn(module: vae_lib.AutoencoderKL, mesh, sample_posterior: bool):
 
 
 def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
+    validate(c)
+    images = load_images(c)  # before the weights: an unreadable set fails now
     module, params = load_vae(c)
-    factor = module.config.downsample_factor
-    if c.image_size % factor:
-        raise ValueError(f"image_size {c.image_size} must be divisible by the VAE's factor {factor}")
     fn = roundtrip_fn(module, sharding.make_mesh(dict(c.mesh)), c.sample_posterior)
-    images = load_images(c)
     out_dir = Path(workdir)
     out_dir.mkdir(parents=True, exist_ok=True)
     scores = {}
@@ -109,18 +148,31 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
         batch = images[start : start + c.batch_size]
         y = fn(params, np.stack([img for _, img in batch]), jax.random.fold_in(key, start))
         for (name, img), rec in zip(batch, y, strict=True):
-            Image.fromarray(np.concatenate([img, rec], axis=1)).save(out_dir / f"recon_{name}.png")
+            _save(np.concatenate([img, rec], axis=1), output_path(out_dir, name))
             scores[name] = psnr(img, rec)
     report = {
         "psnr": scores,
         "mean_psnr": float(np.mean(list(scores.values()))),
         "vae": dataclasses.asdict(module.config),
         "random_weights": bool(c.random_vae.enabled),
-        "protocol": "PSNR on uint8 RGB in [0, 255]; posterior " + ("sample" if c.sample_posterior else "mean"),
+        "protocol": "PSNR on uint8 RGB in [0, 255] (null: identical images, infinite PSNR); posterior "
+        + ("sample" if c.sample_posterior else "mean"),
     }
-    (out_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out_dir / "metrics.json", report)
     logging.info("wrote %d reconstructions to %s; mean PSNR %.2f dB", len(scores), out_dir, report["mean_psnr"])
     return report
+
+
+def _save(image: np.ndarray, path: Path) -> None:
+    """A PNG written whole or not at all (a full disk leaves no half image under the name)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        Image.fromarray(image).save(tmp, format="PNG")
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+    tmp.rename(path)
 
 
 def main(argv):

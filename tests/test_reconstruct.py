@@ -11,6 +11,7 @@ from PIL import Image
 from configs import vae_recon
 from d4k_jax import reconstruct
 from d4k_jax.data.demo import COLORS, demo_examples
+from d4k_jax.metrics.images import write_json
 
 
 def test_demo_set_is_deterministic_and_captioned():
@@ -39,20 +40,61 @@ def test_full_config_needs_weights(tmp_path):
         reconstruct.run(vae_recon.get_config(), str(tmp_path))
 
 
-def test_reconstruct_folder_skips_corrupt_images(tmp_path):
+def _strict_json(path):
+    def refuse(constant):
+        raise AssertionError(f"{path} holds {constant}: not standard JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_reconstruct_folder_skips_corrupt_images_and_keeps_same_named_files_apart(tmp_path):
     images = tmp_path / "images"
-    images.mkdir()
-    for i, (img, _) in enumerate(demo_examples(2, 80)):
-        Image.fromarray(img).save(images / f"im{i}.png")
+    for sub in ("a", "b"):
+        (images / sub).mkdir(parents=True)
+    demo = demo_examples(3, 80)
+    Image.fromarray(demo[0][0]).save(images / "im0.png")
+    Image.fromarray(demo[1][0]).save(images / "a" / "x.png")  # same name, other subfolder, other image
+    Image.fromarray(demo[2][0]).save(images / "b" / "x.png")
     (images / "broken.jpg").write_bytes(b"not a jpeg")
     c = vae_recon.get_config("tiny")
-    c.images, c.image_size, c.batch_size = str(images), 64, 2
+    c.images, c.image_size, c.batch_size = str(images), 64, 3  # one batch: one compile
     report = reconstruct.run(c, str(tmp_path / "out"))
-    assert sorted(report["psnr"]) == ["im0", "im1"]
+    assert sorted(report["psnr"]) == ["a/x.png", "b/x.png", "im0.png"]
     assert report["random_weights"] is False and report["mean_psnr"] > 22  # the trained demo VAE
-    out = np.asarray(Image.open(tmp_path / "out" / "recon_im0.png"))
-    assert out.shape == (64, 128, 3)
-    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["mean_psnr"] == report["mean_psnr"]
+    out = {
+        p.relative_to(tmp_path / "out").as_posix(): np.asarray(Image.open(p)) for p in (tmp_path / "out").rglob("*.png")
+    }
+    assert sorted(out) == ["a/recon_x.png.png", "b/recon_x.png.png", "recon_im0.png.png"]
+    assert out["recon_im0.png.png"].shape == (64, 128, 3)
+    assert not np.array_equal(out["a/recon_x.png.png"], out["b/recon_x.png.png"])
+    assert _strict_json(tmp_path / "out" / "metrics.json")["mean_psnr"] == report["mean_psnr"]
+
+
+def test_reports_are_standard_json(tmp_path):
+    write_json(tmp_path / "r.json", {"psnr": {"a": float("inf"), "b": 30.0}, "mean": float("nan"), "n": [1, 2.5]})
+    assert _strict_json(tmp_path / "r.json") == {"psnr": {"a": None, "b": 30.0}, "mean": None, "n": [1, 2.5]}
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def _no_weights(*_):
+    raise AssertionError("the weights were loaded before the inputs were checked")
+
+
+def test_bad_sets_and_sizes_are_refused_before_the_weights_load(tmp_path, monkeypatch):
+    monkeypatch.setattr(reconstruct, "load_vae", _no_weights)
+    (tmp_path / "images").mkdir()
+    for name in ("a.png", "b.jpg"):
+        (tmp_path / "images" / name).write_bytes(b"not an image")
+    c = vae_recon.get_config("tiny")
+    c.images, c.image_size = str(tmp_path / "images"), 64
+    with pytest.raises(ValueError, match=r"images: none of its 2 images can be read \(first: .*a\.png\)"):
+        reconstruct.run(c, str(tmp_path / "out"))
+    c.image_size, c.batch_size, c.images = 60, 0, str(tmp_path / "none")
+    with pytest.raises(ValueError) as e:
+        reconstruct.run(c, str(tmp_path / "out"))
+    for needle in ("image_size=60 is not a positive multiple of the VAE's factor 8", "batch_size=0", "none is not a"):
+        assert needle in str(e.value)
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_with_config_overrides(tmp_path):
