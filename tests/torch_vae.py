@@ -1,10 +1,14 @@
-"""Tiny random diffusers AutoencoderKLs and the independent torch reference of the F16 VAE (REFERENCE.md §1)."""
+"""Tiny random diffusers AutoencoderKLs, and the independent torch reference of the F16 VAE (REFERENCE.md §1),
+which lives in tools/torch_f16.py (shared with tools/parity.py) and is re-exported here."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL
+
+from tools.torch_f16 import f16_decode, f16_encode
+
+__all__ = ["f16_decode", "f16_encode", "make_vae"]
 
 
 def make_vae(seed: int = 0, **config) -> AutoencoderKL:
@@ -23,45 +27,3 @@ def make_vae(seed: int = 0, **config) -> AutoencoderKL:
         for p in vae.parameters():
             p.copy_(p + 0.1 * torch.randn_like(p))
     return vae
-
-
-@torch.no_grad()
-def f16_encode(vae: AutoencoderKL, x: torch.Tensor):
-    """The F16 encoder: the same weights with conv_in at stride 2."""
-    vae.encoder.conv_in.stride = (2, 2)
-    try:
-        dist = vae.encode(x).latent_dist
-    finally:
-        vae.encoder.conv_in.stride = (1, 1)
-    return dist.mean, dist.logvar
-
-
-@torch.no_grad()
-def f16_decode(vae: AutoencoderKL, z: torch.Tensor, shifted: bool) -> torch.Tensor:
-    """The F16 decoder tail: GroupNorm -> SiLU -> nearest 2x -> conv_out.
-
-    shifted=True is the reference's partitioned decode: the tail on a 2x2 grid of tiles, each cut with
-    one pixel of overlap, zero padded on its outer sides and cropped after the conv.
-    """
-    d = vae.decoder
-    if vae.post_quant_conv is not None:
-        z = vae.post_quant_conv(z)
-    h = d.mid_block(d.conv_in(z))
-    for block in d.up_blocks:
-        h = block(h)
-    h = d.conv_act(d.conv_norm_out(h))
-    if not shifted:
-        return d.conv_out(F.interpolate(h, scale_factor=2, mode="nearest"))
-    H, W = h.shape[2:]
-    th, tw = H // 2, W // 2
-    rows = []
-    for i in (0, th):
-        row = []
-        for j in (0, tw):
-            tile = h[:, :, max(i - 1, 0) : min(i + th + 1, H), max(j - 1, 0) : min(j + tw + 1, W)]
-            # grow the tile by one zero pixel on the side where it was clipped at the image edge
-            tile = F.pad(tile, (1 if j == 0 else 0, 0 if j == 0 else 1, 1 if i == 0 else 0, 0 if i == 0 else 1))
-            tile = d.conv_out(F.interpolate(tile, scale_factor=2, mode="nearest"))
-            row.append(tile[:, :, 1 : 2 * th + 1, 1 : 2 * tw + 1])
-        rows.append(torch.cat(row, dim=3))
-    return torch.cat(rows, dim=2)
