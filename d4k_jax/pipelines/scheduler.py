@@ -4,7 +4,8 @@ diffusers builds a FlowMatchEulerDiscreteScheduler from that file, with the clas
 leaves out (shift 1.0, no dynamic shifting, ...). d4k_jax implements the settings in SchedulerConfig; any
 other setting at a value other than its default would give a different schedule, so it is refused by name
 rather than ignored. A pipeline without a scheduler/ folder keeps the schedule of its base model (the
-caller's `default`: FLUX.1-dev's for Flux, SD3-medium's for SD3).
+caller's `default`: FLUX.1-dev's for Flux, SD3-medium's for SD3). (StableDiffusion3Pipeline's fallback
+max_shift of 1.16 never applies: a loaded scheduler's config always holds the class default, 1.15.)
 """
 
 from __future__ import annotations
