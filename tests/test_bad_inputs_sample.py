@@ -26,7 +26,9 @@ def root(tmp_path_factory):
 
 
 def _args(root: Path, outdir, *args, config="flux_wlf", pipeline=DEMO, prompts=None) -> list[str]:
-    flags = [f"--config=configs/{config}.py:tiny", f"--config.pipeline={pipeline}", *TINY, *args]
+    given = {a.partition("=")[0] for a in args}
+    tiny = [a for a in TINY if a.partition("=")[0] not in given]  # each flag once, as a user writes it
+    flags = [f"--config=configs/{config}.py:tiny", f"--config.pipeline={pipeline}", *tiny, *args]
     return [*flags, f"--prompts={prompts or root / 'prompts.txt'}", f"--outdir={outdir}"]
 
 
