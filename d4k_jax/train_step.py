@@ -5,6 +5,10 @@ step (a posterior sample, as the reference trains), or precomputed normalised la
 plus text states `text` [B, T, D] and pooled text `pooled` [B, P] from the text-embedding cache. The step
 draws sigma, noise and the posterior sample from a key folded with the step number, so the same seed gives
 the same run, whatever the microbatching or the device count.
+
+Only the trainable parameters are differentiated (`trainable_mask`: all but SD3's fixed sincos table); the
+frozen ones enter the loss as constants and come out of the step bit-identical, so no gradient of theirs is
+computed, all-reduced or counted in the logged `grad_norm`, which is the norm the optimizer clips.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from flax import traverse_util
 
 from d4k_jax.diffusion import flow, wavelet
 from d4k_jax.models.vae import AutoencoderKL, normalize_latents
@@ -42,6 +47,28 @@ class TrainState:
     opt_state: Any
 
 
+# Parameters that are buffers in diffusers and never trained: SD3's sincos position table (mmdit.PatchEmbed).
+FROZEN = (("pos_embed", "pos_embed"),)
+
+
+def trainable_mask(params: Any) -> Any:
+    """A pytree of bools like `params`: True for what training updates, False for the FROZEN buffers."""
+    return traverse_util.path_aware_map(lambda path, _: tuple(path[-2:]) not in FROZEN, params)
+
+
+def partition(tree: Any, mask: Any) -> tuple[Any, Any]:
+    """(selected, rest): `tree` twice, with None in place of the leaves that belong to the other part."""
+    return (
+        jax.tree.map(lambda x, m: x if m else None, tree, mask),
+        jax.tree.map(lambda x, m: None if m else x, tree, mask),
+    )
+
+
+def combine(a: Any, b: Any) -> Any:
+    """The inverse of `partition`: a's leaves where it has them, b's where a has None."""
+    return jax.tree.map(lambda x, y: y if x is None else x, a, b, is_leaf=lambda x: x is None)
+
+
 def optimizer(
     lr: float | optax.Schedule = 1e-6,
     b1: float = 0.9,
@@ -52,7 +79,8 @@ def optimizer(
     trainable: Any = None,
 ) -> optax.GradientTransformation:
     """Global-norm clipping then AdamW (the reference's optimizer in effect). `trainable` is a pytree of
-    bools (or a function of params) selecting what is trained; the rest (e.g. SD3's sincos table) is frozen."""
+    bools (or a function of params, e.g. `trainable_mask`) selecting what is trained: the rest gets no
+    moments. Give `train_step` the same mask (its default is `trainable_mask`)."""
     tx = optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(lr, b1, b2, eps, weight_decay=weight_decay))
     if trainable is None:
         return tx
@@ -91,6 +119,14 @@ def loss_from_noise(model: nn.Module, params, batch: dict, noise: jax.Array, sig
     if cfg.loss == "flow":
         return wavelet.flow_matching_loss(v, x0, noise)
     raise ValueError(f"loss must be 'wlf' or 'flow', got {cfg.loss!r}")
+
+
+def loss_and_grads(model: nn.Module, params, frozen, inputs: dict, cfg: LossConfig) -> tuple[jax.Array, Any]:
+    """The loss of `inputs` (x0, text, pooled, noise, sigma) and its gradient in `params`, the trainable part
+    of `partition(all params, mask)`; `frozen`, the other part, enters as constants: its entries in the
+    gradient tree are None, and no cotangent of theirs is ever computed."""
+    fn = lambda p: loss_from_noise(model, combine(p, frozen), inputs, inputs["noise"], inputs["sigma"], cfg)
+    return jax.value_and_grad(fn)(params)
 
 
 def encode_images(
@@ -141,11 +177,17 @@ def train_step(
     vae: AutoencoderKL | None = None,
     microbatches: int = 1,
     encode_passes: int = 1,
+    trainable: Any = None,
+    param_sharding: Any = None,
 ) -> tuple[TrainState, dict]:
     """One optimizer step. `key` is the run's key; the step's randomness is fold_in(key, step).
 
-    `microbatches` > 1 accumulates the gradient over that many strided slices of the batch in sequence
-    (fp32 sums), for global batches whose activations do not fit at once; the result equals one pass.
+    `trainable` (a pytree of bools like the params, a function of the params, or None: `trainable_mask`)
+    selects the differentiated parameters; the others are kept as they are, whatever `tx` does with their
+    (zero) gradients. `microbatches` > 1 accumulates the gradient over that many strided slices of the
+    batch in sequence (fp32 sums), for global batches whose activations do not fit at once; the result
+    equals one pass. `param_sharding` (NamedShardings like the params) keeps that fp32 accumulator
+    sharded like the parameters: left unconstrained, XLA may hold it whole on every device.
     """
     k_sigma, k_noise, k_vae = jax.random.split(jax.random.fold_in(key, state.step), 3)
     if "image" in batch:
@@ -160,20 +202,25 @@ def train_step(
     sigma = sample_sigmas(k_sigma, b, cfg)
     noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
     inputs = {"x0": x0, "text": batch["text"], "pooled": batch["pooled"], "noise": noise, "sigma": sigma}
-    grad_fn = jax.value_and_grad(lambda p, d: loss_from_noise(model, p, d, d["noise"], d["sigma"], cfg))
+    mask = trainable_mask(state.params) if trainable is None else trainable
+    mask = mask(state.params) if callable(mask) else mask
+    params, frozen = partition(state.params, mask)
     if microbatches == 1:
-        loss, grads = grad_fn(state.params, inputs)
+        loss, grads = loss_and_grads(model, params, frozen, inputs, cfg)
     else:
+        shardings = None if param_sharding is None else partition(param_sharding, mask)[0]
+        hold = lambda t: t if shardings is None else jax.tree.map(jax.lax.with_sharding_constraint, t, shardings)
 
         def accumulate(carry, micro):
-            loss, grads = grad_fn(state.params, micro)
-            return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), carry, (loss, grads)), None
+            loss, grads = loss_and_grads(model, params, frozen, micro, cfg)
+            return (carry[0] + loss, hold(jax.tree.map(lambda a, g: a + g.astype(jnp.float32), carry[1], grads))), None
 
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), (jnp.zeros(()), state.params))
+        zeros = (jnp.zeros(()), hold(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)))
         (loss, grads), _ = jax.lax.scan(accumulate, zeros, jax.tree.map(lambda x: _strided(x, microbatches), inputs))
         loss = loss / microbatches
-        grads = jax.tree.map(lambda g, p: (g / microbatches).astype(p.dtype), grads, state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+        grads = jax.tree.map(lambda g, p: (g / microbatches).astype(p.dtype), grads, params)
+    # the optimizer state covers every parameter (as tx.init(params) made it): zeros stand for the frozen ones
+    updates, opt_state = tx.update(combine(grads, jax.tree.map(jnp.zeros_like, frozen)), state.opt_state, state.params)
+    params = combine(optax.apply_updates(params, partition(updates, mask)[0]), frozen)
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "sigma_mean": sigma.mean()}
     return TrainState(state.step + 1, params, opt_state), metrics

@@ -1,10 +1,15 @@
 """The full train step (images encoded by the frozen VAE inside it, AdamW, remat) lowers and compiles
 FSDP-sharded from abstract shapes alone, with a memory analysis: what `tools.bench train_memory` does at
-full size (figures in BENCHMARKS.md), here on a tiny Flux and VAE over the fake CPU devices."""
+full size (figures in BENCHMARKS.md), here on a tiny Flux and VAE over the fake CPU devices. The
+microbatch gradient accumulator is pinned to the parameters' shardings."""
 
+import collections
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from d4k_jax import sharding
 from d4k_jax import train_step as ts
 from d4k_jax.models.flux import Flux, FluxConfig
 from d4k_jax.models.vae import AutoencoderKL, VAEConfig
@@ -12,7 +17,7 @@ from d4k_jax.sharding import make_mesh
 from tools.bench import _per_device_bytes, train_step_lowered
 
 
-def _compile(n: int, per_device: int = 2):
+def _flux() -> Flux:
     cfg = FluxConfig(
         in_channels=16,
         num_layers=1,
@@ -24,11 +29,17 @@ def _compile(n: int, per_device: int = 2):
         axes_dims_rope=(2, 2, 4),
         remat="full",
     )
-    module = Flux(cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    return Flux(cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+
+
+_SMALL = (jnp.zeros((1, 2, 2, 4)), jnp.zeros(1), jnp.zeros((1, 5, 24)), jnp.zeros((1, 12)), jnp.zeros(1))
+
+
+def _compile(n: int, per_device: int = 2):
+    module = _flux()
     vae = AutoencoderKL(
         VAEConfig(latent_channels=4, block_out_channels=(8, 8), norm_num_groups=4, stride=2), dtype=jnp.bfloat16
     )
-    small = (jnp.zeros((1, 2, 2, 4)), jnp.zeros(1), jnp.zeros((1, 5, 24)), jnp.zeros((1, 12)), jnp.zeros(1))
     b, sds = per_device * n, jax.ShapeDtypeStruct
     batch = {
         "image": sds((b, 32, 32, 3), jnp.float32),
@@ -38,7 +49,7 @@ def _compile(n: int, per_device: int = 2):
     mesh = make_mesh({"data": 1, "fsdp": n}, jax.devices()[:n])
     lowered, state = train_step_lowered(
         module,
-        small,
+        _SMALL,
         ts.optimizer(),
         ts.LossConfig(),
         mesh,
@@ -63,3 +74,41 @@ def test_sharded_train_step_with_images_compiles_with_a_memory_analysis():
     assert held < whole / 2
     kernel = state.params["x_embedder"]["kernel"]
     assert kernel.sharding.shard_shape(kernel.shape) == (16, 2)
+
+
+def test_the_microbatch_gradient_accumulator_is_held_on_the_param_shardings():
+    """microbatches > 1: the fp32 carry of the accumulation scan is constrained to each parameter's FSDP
+    sharding, where it starts and after every microbatch, instead of left to XLA's propagation (which could
+    hold a whole fp32 copy of the gradients on every device). Checked on the step's jaxpr, without compiling."""
+    module = _flux()
+    mesh = make_mesh({"data": 1, "fsdp": 8})
+    boxed = jax.eval_shape(module.init, jax.random.key(0), *_SMALL)
+    shardings = sharding.params_sharding(mesh, sharding.DEFAULT_RULES, boxed)["params"]
+    params = nn.unbox(boxed)["params"]
+    tx = ts.optimizer()
+    state = ts.TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, jax.eval_shape(tx.init, params))
+    sds = jax.ShapeDtypeStruct
+    batch = {
+        "x0": sds((16, 4, 4, 4), jnp.float32),
+        "text": sds((16, 5, 24), jnp.float32),
+        "pooled": sds((16, 12), jnp.float32),
+    }
+
+    def step(state, batch, key):
+        with nn.logical_axis_rules(sharding.DEFAULT_RULES):
+            return ts.train_step(
+                state, batch, key, model=module, tx=tx, cfg=ts.LossConfig(), microbatches=2, param_sharding=shardings
+            )
+
+    jaxpr = jax.make_jaxpr(step)(state, batch, jax.eval_shape(jax.random.key, 0)).jaxpr
+    constrained = lambda eqns: collections.Counter(
+        (e.invars[0].aval.shape, e.invars[0].aval.dtype, e.params["sharding"])
+        for e in eqns
+        if e.primitive.name == "sharding_constraint"
+    )
+    (scan,) = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
+    leaves = zip(jax.tree.leaves(params), jax.tree.leaves(shardings), strict=True)
+    want = collections.Counter((p.shape, jnp.dtype(jnp.float32), s) for p, s in leaves)
+    assert any(s.spec != jax.sharding.PartitionSpec() for _, _, s in want)  # really FSDP-sharded
+    assert constrained(scan.params["jaxpr"].jaxpr.eqns) == want  # the carry after each microbatch
+    assert constrained(jaxpr.eqns) >= want  # the zeros it starts from

@@ -133,15 +133,43 @@ def test_train_step_moves_params_and_is_deterministic(tmp_path):
     assert all(moved)
 
 
-def test_frozen_parameters_stay_put(tmp_path):
+def test_the_frozen_position_table_is_not_differentiated(tmp_path):
+    """SD3's sincos table (a buffer in diffusers): no gradient of it, the logged grad_norm is the norm of
+    the trainable gradients (the one the optimizer clips), and it leaves every step bit-identical."""
+    import flax.linen as nn
+    from jax.sharding import PartitionSpec
+
     module, params = load_component(save_component(make_sd3(seed=2), tmp_path / "sd3"))
-    trainable = traverse_util.path_aware_map(lambda path, _: path[0] != "pos_embed" or path[-1] != "pos_embed", params)
-    tx = ts.optimizer(lr=1e-2, trainable=trainable)
-    batch = {"x0": jnp.ones((1, 8, 8, 4)), "text": jnp.ones((1, 5, 20)), "pooled": jnp.ones((1, 12))}
+    table = params["pos_embed"]["pos_embed"]
+    boxed = jax.eval_shape(module.init, jax.random.key(0), *kind_of_module(module).init_inputs(module.config))
+    assert nn.get_partition_spec(boxed)["params"]["pos_embed"]["pos_embed"] == PartitionSpec(None, None, "embed")
+
+    cfg = ts.LossConfig(model="sd3")
+    rng = np.random.default_rng(0)
+    x0 = jnp.asarray(rng.normal(size=(2, 8, 8, 4)), jnp.float32)
+    batch = {"x0": x0, "text": jnp.ones((2, 5, 20)), "pooled": jnp.ones((2, 12))}
+    inputs = {**batch, "noise": jnp.ones_like(x0), "sigma": jnp.array([0.3, 0.7])}
+    trainable, frozen = ts.partition(params, ts.trainable_mask(params))
+    _, grads = ts.loss_and_grads(module, trainable, frozen, inputs, cfg)
+    assert grads["pos_embed"]["pos_embed"] is None and grads["pos_embed"]["proj"]["kernel"] is not None
+
+    # an unmasked SGD (lr 1) exposes the gradients as the update: the table must stay put all the same
+    tx = optax.sgd(1.0)
+    step = jax.jit(lambda s, b, k: ts.train_step(s, b, k, model=module, tx=tx, cfg=cfg))
     state = ts.TrainState(jnp.int32(0), params, tx.init(params))
-    new, _ = ts.train_step(state, batch, jax.random.key(0), model=module, tx=tx, cfg=ts.LossConfig(model="sd3"))
-    np.testing.assert_array_equal(new.params["pos_embed"]["pos_embed"], params["pos_embed"]["pos_embed"])
-    assert bool(jnp.any(new.params["proj_out"]["kernel"] != params["proj_out"]["kernel"]))
+    for i in range(2):
+        new, metrics = step(state, batch, jax.random.key(i))
+        np.testing.assert_array_equal(new.params["pos_embed"]["pos_embed"], table)
+        moved = ts.partition(jax.tree.map(jnp.subtract, state.params, new.params), ts.trainable_mask(params))[0]
+        assert rel_err(metrics["grad_norm"], optax.global_norm(moved)) < 1e-5
+        state = new
+    assert bool(jnp.any(state.params["proj_out"]["kernel"] != params["proj_out"]["kernel"]))
+
+    # the configured optimizer (clipping, AdamW, the frozen set masked) keeps it too
+    tx = ts.optimizer(lr=1e-2, trainable=ts.trainable_mask)
+    state = ts.TrainState(jnp.int32(0), params, tx.init(params))
+    new, _ = ts.train_step(state, batch, jax.random.key(0), model=module, tx=tx, cfg=cfg)
+    np.testing.assert_array_equal(new.params["pos_embed"]["pos_embed"], table)
 
 
 def test_sharded_step_equals_single_device(tmp_path):

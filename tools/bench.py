@@ -374,6 +374,7 @@ def train_step_lowered(
                 vae=vae,
                 encode_passes=encode_passes,
                 microbatches=microbatches,
+                param_sharding=param_sharding,  # the gradient accumulator sharded like the params
             )
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])  # the Trainer's NaN check
         return new, {**metrics, "finite": finite}

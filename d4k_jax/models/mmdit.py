@@ -87,7 +87,9 @@ class PatchEmbed(nn.Module):
     """p x p patches -> tokens [B, h/p * w/p, D], plus the centre crop of the sincos table.
 
     The table is a parameter (`pos_embed/pos_embed`, as diffusers' buffer of that name) so that
-    checkpoints load it bit-exactly; training must keep it frozen, as the reference does.
+    checkpoints load it bit-exactly; training keeps it frozen, as the reference does (train_step.FROZEN).
+    It is sharded over "embed" like the other parameters (192² x 1536 fp32 is 226 MB for SD3-medium): the
+    forward gathers it like any other parameter.
     """
 
     config: MMDiTConfig
@@ -100,7 +102,10 @@ class PatchEmbed(nn.Module):
         p, m, d = cfg.patch_size, cfg.pos_embed_max_size, cfg.dim
         table = self.param(
             "pos_embed",
-            lambda *_: jnp.asarray(sincos_table(d, m, cfg.sample_size // p)[None], self.param_dtype),
+            nn.with_logical_partitioning(
+                lambda *_: jnp.asarray(sincos_table(d, m, cfg.sample_size // p)[None], self.param_dtype),
+                (None, None, "embed"),
+            ),
         )  # [1, m * m, D]
         y = Conv2d(
             d,
