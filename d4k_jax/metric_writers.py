@@ -1,19 +1,27 @@
 """Where training metrics go: `workdir/metrics.jsonl` (one JSON object per logged step) and TensorBoard
-event files under `workdir/tensorboard` (scalars and sample images). Only process 0 writes."""
+event files under `workdir/tensorboard` (scalars and sample images). Only process 0 writes.
+
+A run resumed from the checkpoint of step S redoes the steps after S, which a crash may already have
+logged: opening the writer with `resume_step=S` drops those rows from metrics.jsonl (an atomic rewrite)
+and hides those TensorBoard events (tensorboardX's purge_step), so that readers see each step once.
+"""
 
 from __future__ import annotations
 
 import json
 import numbers
+import os
 from pathlib import Path
 
 import jax
 import numpy as np
+from absl import logging
 
 
 class MetricWriter:
-    def __init__(self, workdir: str | Path):
+    def __init__(self, workdir: str | Path, resume_step: int | None = None):
         self.workdir = Path(workdir)
+        self.resume_step = resume_step
         self.active = jax.process_index() == 0
         self._log = self._tb = None
 
@@ -21,8 +29,12 @@ class MetricWriter:
         if self.active:
             from tensorboardX import SummaryWriter
 
+            purge = None
+            if self.resume_step is not None:
+                drop_rows_after(self.workdir / "metrics.jsonl", self.resume_step)
+                purge = self.resume_step + 1  # events of steps >= purge are hidden
             self._log = (self.workdir / "metrics.jsonl").open("a")
-            self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+            self._tb = SummaryWriter(str(self.workdir / "tensorboard"), purge_step=purge)
         return self
 
     def write(self, row: dict) -> None:
@@ -46,3 +58,26 @@ class MetricWriter:
         if self.active:
             self._log.close()
             self._tb.close()
+
+
+def drop_rows_after(path: Path, step: int) -> int:
+    """Rewrites the JSON-lines file `path` without its rows of steps > `step` (and without a line a kill cut
+    short), through a temporary file and a rename, so a crash leaves the old file or the new one. Returns
+    the number of lines dropped; the file is left untouched when every line is whole and kept."""
+    if not path.is_file() or not path.stat().st_size:
+        return 0
+    text = path.read_text()
+    kept, dropped = [], 0
+    for line in text.splitlines():
+        try:
+            keep = json.loads(line).get("step", 0) <= step
+        except (json.JSONDecodeError, AttributeError, TypeError):  # not a row of ours
+            keep = False
+        kept += [line] if keep else []
+        dropped += not keep
+    if dropped or not text.endswith("\n"):  # (a complete last row without its newline: the next would join it)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+        logging.info("%s: dropped %d rows past the resumed step %d", path, dropped, step)
+    return dropped

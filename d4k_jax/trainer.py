@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -31,14 +32,16 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm import tqdm
 
 from d4k_jax import flops, sharding
 from d4k_jax import train_step as ts
 from d4k_jax.metric_writers import MetricWriter
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+class NonFiniteLoss(ValueError):
+    """The loss or gradient norm of a step is NaN/inf under nan_policy='stop'. A ValueError: a value the run
+    was given (data, learning rate) made it, and the CLIs report it as one `error:` line."""
 
 
 Hook = Callable[[int, ts.TrainState, MetricWriter], dict | None]  # (step, state, writer) -> metrics to log
@@ -62,7 +65,10 @@ class Trainer:
         encode_passes: int = 1,
         lr_schedule: optax.Schedule | None = None,
         peak_flops: float | None = None,
+        trainable: Any = None,
     ):
+        """`trainable`: the mask of trained parameters (see train_step.train_step; default
+        train_step.trainable_mask); give `tx` the same one (train_step.optimizer(trainable=...))."""
         if nan_policy not in ("stop", "skip"):
             raise ValueError(f"nan_policy must be 'stop' or 'skip', got {nan_policy!r}")
         self.model, self.tx, self.cfg, self.mesh, self.rules = model, tx, loss_cfg, mesh, rules
@@ -91,7 +97,13 @@ class Trainer:
         self.state = ts.TrainState(step, params, opt_state)
         self.state_sharding = jax.tree.map(lambda x: x.sharding, self.state)
         self.vae, self.vae_params = (vae[0], jax.device_put(vae[1], replicated)) if vae else (None, None)
-        self._options = dict(vae=self.vae, microbatches=microbatches, encode_passes=encode_passes)
+        self._options = dict(
+            vae=self.vae,
+            microbatches=microbatches,
+            encode_passes=encode_passes,
+            trainable=trainable,
+            param_sharding=self.param_sharding,
+        )
         self._step = jax.jit(
             self._train_step,
             in_shardings=(self.state_sharding, self.data_sharding, replicated, replicated),
@@ -121,11 +133,14 @@ class Trainer:
         prepare: Callable[[dict], dict] | None = None,
         hooks: Sequence[Hook] = (),
         metadata: dict | None = None,
+        progress: bool = True,
     ) -> list[dict]:
         """Train up to `num_steps` (resuming from the latest checkpoint); returns the logged metrics.
 
         A SIGTERM (preemption) finishes the current step, saves a checkpoint and returns early. `metadata`
-        (e.g. the run's config) is stored with the checkpoints (`CheckpointManager.metadata()`).
+        (e.g. the run's config) is stored with the checkpoints (`CheckpointManager.metadata()`). Rows that a
+        crash logged past the restored step are dropped from metrics.jsonl (see metric_writers). `progress`
+        shows a bar on process 0's stderr: step (from the resumed one), loss, images/s, time left.
         """
         workdir = Path(workdir).absolute()
         workdir.mkdir(parents=True, exist_ok=True)
@@ -139,13 +154,16 @@ class Trainer:
             ocp.CheckpointManager(
                 workdir / "checkpoints", options=options, item_handlers=handlers, metadata=metadata
             ) as manager,
-            MetricWriter(workdir) as writer,
             _Preemption() as preempted,
         ):
             if manager.latest_step() is not None:
                 self.restore(manager, manager.latest_step(), batches if stateful else None)
             start = int(self.state.step)
-            with jax.set_mesh(self.mesh):
+            with (
+                MetricWriter(workdir, resume_step=start) as writer,
+                _progress_bar(start, num_steps, progress) as bar,
+                jax.set_mesh(self.mesh),
+            ):
                 for step in range(start, num_steps):
                     t0 = time.perf_counter()
                     batch = next(batches)
@@ -158,10 +176,7 @@ class Trainer:
                     self.state, metrics = self._step(self.state, batch, self.key, self.vae_params)
                     metrics = jax.device_get(metrics)
                     if not metrics["finite"]:
-                        message = f"non-finite loss {metrics['loss']} or grad norm at step {step}"
-                        if self.nan_policy == "stop":
-                            raise NonFiniteLoss(message + " (nan_policy='stop'; 'skip' drops such steps)")
-                        logging.warning("%s: step skipped", message)
+                        self._non_finite(step + 1, metrics, manager.latest_step())
                     seconds = time.perf_counter() - t0
                     row = {}
                     for hook in hooks:
@@ -170,6 +185,8 @@ class Trainer:
                         row = {**self._row(step + 1, metrics, seconds, size, batch), **row}
                         writer.write(row)
                         logged.append(row)
+                        bar.set_postfix({"loss": f"{row['loss']:.4g}", "img/s": f"{row['images_per_s']:.3g}"}, False)
+                    bar.update()
                     last = step + 1 == num_steps or preempted.is_set()
                     items = {"state": ocp.args.StandardSave(self.state)}
                     if stateful:
@@ -180,6 +197,22 @@ class Trainer:
                         break
             manager.wait_until_finished()
         return logged
+
+    def _non_finite(self, step: int, metrics: dict, kept: int | None) -> None:
+        """nan_policy 'stop': raise NonFiniteLoss with the step, the values and what to do; 'skip': warn."""
+        what = f"step {step}: the loss is {metrics['loss']} and the gradient norm {metrics['grad_norm']} (not finite)"
+        if self.nan_policy == "skip":
+            logging.warning("%s: step skipped (nan_policy='skip'), parameters and optimizer state unchanged", what)
+            return
+        saved = (
+            f"the checkpoint of step {kept} is kept (a rerun resumes there)"
+            if kept is not None
+            else "no checkpoint was saved yet (a rerun starts over)"
+        )
+        raise NonFiniteLoss(
+            f"{what}; training stopped (nan_policy='stop'), {saved}. Look for NaN/inf in the data, lower the "
+            "learning rate, or set nan_policy='skip' (--config.train.nan_policy=skip) to skip such steps"
+        )
 
     def _row(self, step: int, metrics: dict, seconds: float, size: int, batch: dict) -> dict:
         row = {
@@ -224,6 +257,21 @@ class Trainer:
             items["data"] = grain.checkpoint.CheckpointRestore(_JsonState(batches))
         self.state = manager.restore(step, args=ocp.args.Composite(**items))["state"]
         logging.info("resumed from step %d", int(self.state.step))
+
+
+def _progress_bar(start: int, num_steps: int, enabled: bool) -> tqdm:
+    """tqdm over the steps from `start` (a resumed run's bar starts there, and its time left counts only the
+    steps this run takes), on process 0; sparser updates when stderr is a log file rather than a terminal."""
+    interactive = sys.stderr.isatty()
+    return tqdm(
+        total=num_steps,
+        initial=start,
+        unit="step",
+        file=sys.stderr,
+        dynamic_ncols=interactive,
+        mininterval=0.1 if interactive else 30,
+        disable=not enabled or jax.process_index() != 0,
+    )
 
 
 def _global_batch(batch: dict, data_sharding: NamedSharding) -> dict:

@@ -1,4 +1,5 @@
-"""The training loop: resume gives the uninterrupted run's losses, overfitting works, NaN policy."""
+"""The training loop: resume gives the uninterrupted run's losses (each step once in metrics.jsonl after a
+crash), the progress bar, overfitting works, NaN policy."""
 
 import json
 
@@ -13,6 +14,7 @@ from conversion import load_component
 from conversion.components import kind_of_module
 from d4k_jax import sharding
 from d4k_jax import train_step as ts
+from d4k_jax.metric_writers import drop_rows_after
 from d4k_jax.trainer import ArrayBatches, NonFiniteLoss, Trainer
 
 
@@ -37,17 +39,57 @@ def _trainer(flux, lr=1e-3, devices=8, **kw):
     return Trainer(module, params, ts.optimizer(lr=lr), ts.LossConfig(), mesh, init_inputs=inputs, **kw)
 
 
-def test_resume_gives_the_uninterrupted_losses(flux, tmp_path):
+class _Killed(Exception):
+    pass
+
+
+class _DiesAt(ArrayBatches):
+    """Dies (as a killed run does) when asked for batch `at`: the steps before it are logged, not saved."""
+
+    def __init__(self, data, batch_size, at):
+        super().__init__(data, batch_size)
+        self.at = at
+
+    def __next__(self):
+        if self.i == self.at:
+            raise _Killed
+        return super().__next__()
+
+
+def test_resume_gives_the_uninterrupted_losses(flux, tmp_path, capsys):
     data = _data(n=16)
-    straight = _trainer(flux, peak_flops=1e12).fit(ArrayBatches(data, 8), tmp_path / "a", 6, checkpoint_every=3)
-    assert all(0 < r["mfu"] < 1 for r in straight)  # logged where the device peak is known (here: given)
-    _trainer(flux).fit(ArrayBatches(data, 8), tmp_path / "b", 3, checkpoint_every=3)
+    a = _trainer(flux, peak_flops=1e12).fit(
+        ArrayBatches(data, 8), tmp_path / "a", 6, checkpoint_every=3, progress=False
+    )
+    assert all(0 < r["mfu"] < 1 for r in a)  # logged where the device peak is known (here: given)
+    assert "/6 [" not in capsys.readouterr().err  # no bar when not wanted
+    # killed before step 6: steps 4 and 5 are logged but the last checkpoint is step 3's
+    with pytest.raises(_Killed):
+        _trainer(flux).fit(_DiesAt(data, 8, at=5), tmp_path / "b", 6, checkpoint_every=3)
+    capsys.readouterr()
     # resumed on 4 devices: restoring onto a different device count works too
     resumed = _trainer(flux, devices=4).fit(ArrayBatches(data, 8), tmp_path / "b", 6, checkpoint_every=3)
     assert [r["step"] for r in resumed] == [4, 5, 6]
-    np.testing.assert_allclose([r["loss"] for r in resumed], [r["loss"] for r in straight[3:]], rtol=1e-5)
+    np.testing.assert_allclose([r["loss"] for r in resumed], [r["loss"] for r in a[3:]], rtol=1e-5)
     lines = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2, 3, 4, 5, 6] and {"loss", "grad_norm", "images_per_s"} <= set(lines[0])
+    assert [x["loss"] for x in lines[3:]] == [r["loss"] for r in resumed]  # the resumed run's rows, each once
+    # the bar (stderr, process 0) starts at the resumed step and ends with the last loss and images/s
+    err = capsys.readouterr().err
+    assert " 3/6 [" in err and " 6/6 [" in err and " 1/6 [" not in err, err
+    assert f"loss={resumed[-1]['loss']:.4g}" in err and "img/s=" in err, err
+
+
+def test_drop_rows_after_keeps_each_step_once(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = "".join(json.dumps({"step": i, "loss": 1.0 / i}) + "\n" for i in range(1, 6))
+    path.write_text(rows + '{"step": 6, "lo')  # a row a kill cut short
+    assert drop_rows_after(path, 3) == 3
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3]
+    assert drop_rows_after(path, 3) == 0 and path.read_text() == rows[: rows.index('{"step": 4')]
+    path.write_text(rows[:-1])  # whole rows, the last without its newline: completed so the next row does not join it
+    assert drop_rows_after(path, 5) == 0 and path.read_text() == rows
+    assert drop_rows_after(tmp_path / "missing.jsonl", 0) == 0 and not (tmp_path / "missing.jsonl").exists()
 
 
 def test_overfitting_two_examples_drives_the_loss_down(flux, tmp_path):
@@ -74,9 +116,12 @@ def test_non_finite_loss_policy(flux, tmp_path, policy):
     data["x0"][:, 0, 0, 0] = np.nan
     trainer = _trainer(flux, devices=4, nan_policy=policy)
     before = jax.device_get(trainer.state.params)
-    if policy == "stop":
-        with pytest.raises(NonFiniteLoss, match=r"non-finite loss .* at step 0"):
+    if policy == "stop":  # a ValueError: the CLIs print its message as one `error:` line
+        with pytest.raises(
+            ValueError, match=r"step 1: the loss is nan .* no checkpoint was saved yet.* nan_policy='skip'"
+        ) as e:
             trainer.fit(ArrayBatches(data, 4), tmp_path, 1)
+        assert isinstance(e.value, NonFiniteLoss)
         return
     rows = trainer.fit(ArrayBatches(data, 4), tmp_path, 2)
     assert [r["skipped"] for r in rows] == [True, True] and int(trainer.state.step) == 2
