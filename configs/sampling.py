@@ -10,7 +10,9 @@ def sampling_config(model: str, steps: int, max_sequence_length: int, arg: str |
     c.pipeline = ml_collections.config_dict.placeholder(str)  # diffusers pipeline folder or converted directory
     c.dtype = "bfloat16"
     c.vae_stride = 2  # the F16 VAE; 1 for the stock F8 VAE
-    c.mesh = {"data": -1}  # images are sharded over the devices
+    # images are sharded over the devices; every axis is listed so that each can be overridden
+    # (`--config.mesh.fsdp=N` with shard_params; `sequence` > 1 splits one image's tokens)
+    c.mesh = {"data": -1, "fsdp": 1, "sequence": 1, "tensor": 1}
     c.num_devices = 0  # 0: every device (of every host); n: the first n
     c.shard_params = False  # True: FSDP-shard the transformer over the mesh's `fsdp` axis (set mesh fsdp > 1)
     c.distributed = False  # True on multi-host (TPU pods, GPU clusters): jax.distributed.initialize() first

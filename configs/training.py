@@ -40,7 +40,7 @@ def add_training(c: ml_collections.ConfigDict, arg: str | None) -> ml_collection
         dict(
             steps=20_000,
             batch_size=PER_DEVICE_BATCH[model],  # per device; global = this x data x fsdp devices
-            mesh={"data": 1, "fsdp": -1},  # FSDP over every device
+            mesh={"data": 1, "fsdp": -1, "sequence": 1, "tensor": 1},  # FSDP over every device; all axes listed
             # logical axis -> mesh axes, e.g. (("batch", ("data", "fsdp")), ("embed", "fsdp"), ...); None:
             # d4k_jax.sharding.DEFAULT_RULES (batch over data x fsdp, params' embed axis over fsdp)
             rules=ml_collections.config_dict.placeholder(tuple),
@@ -64,6 +64,9 @@ def add_training(c: ml_collections.ConfigDict, arg: str | None) -> ml_collection
             keep=2,
             peak_flops=0.0,  # per device, for MFU on devices d4k_jax does not know; 0: look it up
             export=True,  # write WORKDIR/pipeline (the trained transformer + the other components) at the end
+            # resuming (a checkpoint in WORKDIR) with fields changed that alter what is trained is refused
+            # (d4k_jax/train_config.py lists the fields a resume may change); True accepts them, logged
+            allow_config_change=False,
         )
     )
     c.loss = ml_collections.ConfigDict(
@@ -99,7 +102,7 @@ def add_training(c: ml_collections.ConfigDict, arg: str | None) -> ml_collection
         c.train.update(
             steps=2000,
             batch_size=32,
-            mesh={"data": -1, "fsdp": 1},
+            mesh={"data": -1, "fsdp": 1, "sequence": 1, "tensor": 1},
             microbatches=1,
             encode_passes=1,
             remat="none",

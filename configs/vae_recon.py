@@ -23,7 +23,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.batch_size = 1
     c.dtype = "bfloat16"
     c.sample_posterior = False  # decode the posterior mean (False) or a sample (True)
-    c.mesh = {"data": 1, "sequence": -1}  # rows of every activation are split over the devices
+    # rows of every activation are split over the devices; every axis is listed so that each can be overridden
+    c.mesh = {"data": 1, "fsdp": 1, "sequence": -1, "tensor": 1}
     c.random_vae = ml_collections.ConfigDict(
         {"enabled": False, "block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "norm_num_groups": 32}
     )
