@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import re
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -19,25 +21,31 @@ _DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
 def save_params(path: str | os.PathLike, params: Any) -> None:
-    """Write a parameter pytree as an orbax checkpoint at `path` (which must not exist).
-
-    A full disk (or file size limit) raises OSError(ENOSPC / EFBIG), as a plain file write does, which
-    d4k_jax.cli reports in one line; TensorStore raises it as a ValueError, and orbax logs the tracebacks of
-    its writer threads, which are held back for it (and logged for any other error)."""
+    """Write a parameter pytree as an orbax checkpoint at `path` (which must not exist); a full disk
+    raises OSError (see disk_full_errors)."""
     path = os.path.abspath(path)
+    with disk_full_errors(path), ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(path, params)
+
+
+@contextlib.contextmanager
+def disk_full_errors(path: str | os.PathLike) -> Iterator[None]:
+    """Around orbax saves (save_params, a CheckpointManager's): a full disk (or file size limit) raises
+    OSError(ENOSPC / EFBIG) naming `path`, as a plain file write does, which d4k_jax.cli reports in one line;
+    TensorStore raises it as a ValueError, and orbax logs the tracebacks of its writer threads, which are
+    held back until the block ends (and logged then, unless the disk was full)."""
     logger, held = logging.getLogger("absl"), _Held()  # orbax logs through absl
     logger.addFilter(held)
     unraisable = sys.unraisablehook
     sys.unraisablehook = _without_closed_loop_noise(unraisable)
     try:
-        with ocp.StandardCheckpointer() as ckpt:
-            ckpt.save(path, params)
+        yield
     except Exception as e:
         code = _os_error_code(e)
         if code not in _DISK_FULL:
             raise
         held.records.clear()
-        raise OSError(code, os.strerror(code), path) from None
+        raise OSError(code, os.strerror(code), os.fspath(path)) from None
     else:
         sys.unraisablehook = unraisable  # after a failure the noise can come later: the filter stays
     finally:
