@@ -4,12 +4,15 @@
       --config.data.folder=/data/Aesthetic-4K --workdir=/ckpt/flux4k
   python -m d4k_jax.train --config=configs/flux_wlf.py:tiny --workdir=workdir/demo     # the CPU demo
 
-The run: build the dataset (array_record) if it is not there; encode every caption once into the text
-cache; train the transformer (VAE and text encoders frozen) with the loop of d4k_jax.trainer; sample the
-eval prompts every `eval.every` steps (grids in WORKDIR/samples, TensorBoard); at the end write
+The run: check the config (d4k_jax.train_config: sizes, batch splits, mesh, names, folders; nothing is
+loaded before); build the dataset (array_record) if it is not there; encode every caption once into the
+text cache; train the transformer (VAE and text encoders frozen) with the loop of d4k_jax.trainer; sample
+the eval prompts every `eval.every` steps (grids in WORKDIR/samples, TensorBoard); at the end write
 WORKDIR/loss_curve.png, WORKDIR/sample_grid.png and WORKDIR/pipeline (the trained transformer with
-the other components, loadable by the pipelines and `python -m d4k_jax.sample`). Rerunning the same
-command resumes from the latest checkpoint; SIGTERM saves one before exiting.
+the other components, loadable by the pipelines and `python -m d4k_jax.sample`; pipeline/export.json
+records its step, and a run extended past it exports again). Rerunning the same command resumes from the
+latest checkpoint; a rerun that changes the recipe is refused (train_config.RESUMABLE lists what may
+change; --config.train.allow_config_change=True accepts the rest); SIGTERM saves a checkpoint first.
 """
 
 from __future__ import annotations
@@ -26,29 +29,29 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import flags, logging
-from flax import traverse_util
 from ml_collections import config_flags
 
-from d4k_jax import checkpoint, cli, plots, sharding
+from d4k_jax import checkpoint, cli, plots, sharding, train_config
 from d4k_jax import train_step as ts
 from d4k_jax.data import aesthetic4k, demo, input_pipeline, text_cache
 from d4k_jax.metrics import suite
 from d4k_jax.pipelines import base
+from d4k_jax.train_config import lr_schedule
 from d4k_jax.trainer import Trainer
 
 
 def run(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[dict]:
     """Train as the config says; returns the metrics logged by this invocation."""
     workdir = Path(workdir).absolute()
+    train_config.validate(c, workdir, jax.device_count())  # before anything is loaded or written
+    stored = train_config.as_stored(c, jax.device_count())
+    train_config.check_resume(stored, workdir, jax.device_count())  # a refused config leaves config.json as it was
     workdir.mkdir(parents=True, exist_ok=True)
-    if c.model not in ("flux", "sd3"):
-        raise ValueError(f"config.model must be 'flux' or 'sd3', got {c.model!r}")
     if jax.process_index() == 0:
-        (workdir / "config.json").write_text(c.to_json_best_effort(indent=2) + "\n")
+        _write_atomic(workdir / "config.json", json.dumps(stored, indent=2) + "\n")
         (workdir / "eval_prompts.txt").write_text("".join(p + "\n" for p in c.eval.prompts))  # for d4k_jax.sample
-    path = base.pipeline_dir(c.pipeline or _missing("--config.pipeline (a diffusers or converted pipeline folder)"))
+    path = base.pipeline_dir(c.pipeline)
     mesh = sharding.make_mesh(dict(c.train.mesh))
     rules = tuple((name, _axes(axes)) for name, axes in c.train.rules) if c.train.rules else sharding.DEFAULT_RULES
     global_batch = c.train.batch_size * mesh.shape["data"] * mesh.shape["fsdp"]
@@ -76,7 +79,13 @@ def run(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[dict]:
 
     schedule = lr_schedule(c.train)
     tx = ts.optimizer(
-        schedule, c.train.b1, c.train.b2, c.train.eps, c.train.weight_decay, c.train.clip_norm, _trainable(params)
+        schedule,
+        c.train.b1,
+        c.train.b2,
+        c.train.eps,
+        c.train.weight_decay,
+        c.train.clip_norm,
+        ts.trainable_mask(params),
     )
     from conversion.components import kind_of_module
 
@@ -105,19 +114,20 @@ def run(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[dict]:
         seed=c.seed,
         worker_count=c.data.worker_count,
     )
-    rows = trainer.fit(
-        loader,
-        workdir,
-        c.train.steps,
-        log_every=c.train.log_every,
-        checkpoint_every=c.train.checkpoint_every,
-        keep=c.train.keep,
-        prepare=cache.prepare,
-        hooks=[sampler.hook(c.train.steps)],
-        metadata=json.loads(c.to_json_best_effort()),
-    )
+    with checkpoint.disk_full_errors(workdir / "checkpoints"):  # a full disk: one OSError, the last checkpoint kept
+        rows = trainer.fit(
+            loader,
+            workdir,
+            c.train.steps,
+            log_every=c.train.log_every,
+            checkpoint_every=c.train.checkpoint_every,
+            keep=c.train.keep,
+            prepare=cache.prepare,
+            hooks=[sampler.hook(c.train.steps)],
+            metadata=stored,
+        )
     if int(trainer.state.step) == c.train.steps:
-        finish(c, workdir, path, module, trainer.state.params)
+        finish(c, workdir, path, module, trainer.state.params, c.train.steps)
     return rows
 
 
@@ -138,19 +148,6 @@ def prepare_data(c: ml_collections.ConfigDict, workdir: Path) -> Path:
         logging.info("dataset: %s", stats)
     _sync("dataset")
     return data_dir
-
-
-def lr_schedule(t: ml_collections.ConfigDict) -> optax.Schedule:
-    """Linear warmup then constant (the reference: lr 1e-6, no warmup) or cosine to zero at `steps`."""
-    if t.schedule == "constant":
-        decay = optax.constant_schedule(t.lr)
-    elif t.schedule == "cosine":
-        decay = optax.cosine_decay_schedule(t.lr, max(t.steps - t.warmup_steps, 1))
-    else:
-        raise ValueError(f"train.schedule must be 'constant' or 'cosine', got {t.schedule!r}")
-    if not t.warmup_steps:
-        return decay
-    return optax.join_schedules([optax.linear_schedule(0.0, t.lr, t.warmup_steps), decay], [t.warmup_steps])
 
 
 def loss_config(c: ml_collections.ConfigDict) -> ts.LossConfig:
@@ -229,10 +226,12 @@ class SampleEval:
         return run
 
 
-def finish(c: ml_collections.ConfigDict, workdir: Path, source: Path, module: nn.Module, params: Any) -> None:
-    """The loss-curve and sample-grid PNGs, and WORKDIR/pipeline with the trained transformer."""
+def finish(
+    c: ml_collections.ConfigDict, workdir: Path, source: Path, module: nn.Module, params: Any, step: int
+) -> None:
+    """The loss-curve and sample-grid PNGs, and WORKDIR/pipeline with the trained transformer of `step`."""
     if c.train.export:
-        export_pipeline(source, workdir / "pipeline", module, params)
+        export_pipeline(source, workdir / "pipeline", module, params, step)
     if jax.process_index() != 0:
         return
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -245,12 +244,26 @@ def finish(c: ml_collections.ConfigDict, workdir: Path, source: Path, module: nn
         shutil.copy(grids[-1], workdir / "sample_grid.png")
 
 
-def export_pipeline(source: Path, dst: Path, module: nn.Module, params: Any) -> Path:
+EXPORT_RECORD = "export.json"  # in the exported pipeline folder: {"step": the train step of its weights}
+
+
+def export_pipeline(source: Path, dst: Path, module: nn.Module, params: Any, step: int) -> Path:
     """A converted pipeline folder: the trained transformer (config.json + orbax params/) and links to
-    the source's other components, which training did not change."""
-    if dst.exists():
+    the source's other components, which training did not change.
+
+    An export of the same step (EXPORT_RECORD) is kept; any other (a run extended from 20k to 30k steps,
+    an export from before the record) is replaced: the new one is written beside as DST.partial, the old
+    one moves to DST.old, the new one to DST, then DST.old is deleted. A crash between the two renames
+    leaves DST.old, which the next export puts back first: there is always an export to go back to."""
+    old, tmp = dst.with_name(dst.name + ".old"), dst.with_name(dst.name + ".partial")
+    if jax.process_index() == 0 and old.is_dir():
+        if dst.exists():
+            shutil.rmtree(old)
+        else:
+            old.rename(dst)
+    _sync("export_restored")
+    if exported_step(dst) == step:
         return dst
-    tmp = dst.with_name(dst.name + ".partial")
     if jax.process_index() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -265,14 +278,23 @@ def export_pipeline(source: Path, dst: Path, module: nn.Module, params: Any) -> 
     checkpoint.save_params(tmp / "transformer" / "params", params)  # every process writes its shards
     _sync("export_done")
     if jax.process_index() == 0:
+        (tmp / EXPORT_RECORD).write_text(json.dumps({"step": step}) + "\n")
+        if dst.exists():
+            dst.rename(old)
         tmp.rename(dst)
-        logging.info("exported the trained pipeline to %s", dst)
+        shutil.rmtree(old, ignore_errors=True)
+        logging.info("exported the trained pipeline of step %d to %s", step, dst)
+    _sync("export_swapped")
     return dst
 
 
-def _trainable(params: Any) -> Any:
-    """Everything but SD3's fixed sincos position table (a buffer in diffusers)."""
-    return traverse_util.path_aware_map(lambda path, _: path[-2:] != ("pos_embed", "pos_embed"), params)
+def exported_step(folder: Path) -> int | None:
+    """The train step whose weights the exported pipeline `folder` holds (None: no export, or an
+    export from before the step was recorded)."""
+    try:
+        return int(json.loads((folder / EXPORT_RECORD).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _axes(axes):
@@ -295,6 +317,13 @@ def _sync(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """A crash (or a full disk) leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _missing(what: str):

@@ -1,8 +1,10 @@
 """`python -m d4k_jax.train` end to end on a tiny random pipeline and the procedural demo set: dataset
 build, text cache, sharded training with image batches, eval grids, export; resume and SIGTERM."""
 
+import hashlib
 import json
 import os
+import shutil
 import signal
 
 import jax
@@ -12,7 +14,7 @@ import pytest
 from tiny_pipelines import flux_pipeline, sd3_pipeline
 
 from configs import flux_wlf, sd3_wlf
-from d4k_jax import train
+from d4k_jax import checkpoint, train
 from d4k_jax.pipelines.flux import FluxPipeline
 from d4k_jax.pipelines.sd3 import SD3Pipeline
 
@@ -58,6 +60,7 @@ def test_train_writes_metrics_samples_and_a_loadable_pipeline(pipe_dir, straight
     cache = np.load(tmp_path / "text_cache" / "text.npy", mmap_mode="r")
     assert cache.shape == (24, 12, 24)  # every caption, T5 length 12, T5 width 24
 
+    assert train.exported_step(tmp_path / "pipeline") == 6
     pipe = FluxPipeline.from_pretrained(tmp_path / "pipeline", dtype=np.float32)
     trained = jax.tree.leaves(pipe.transformer[1])
     start = jax.tree.leaves(FluxPipeline.from_pretrained(pipe_dir, dtype=np.float32).transformer[1])
@@ -73,6 +76,49 @@ def test_rerunning_resumes_with_the_uninterrupted_losses(pipe_dir, straight, tmp
     assert [r["step"] for r in resumed] == [4, 5, 6]
     # the data iterator's state is restored with the train state: same images, crops and flips
     np.testing.assert_allclose([r["loss"] for r in resumed], [straight[s] for s in (4, 5, 6)], rtol=1e-5)
+
+
+def _files(folder) -> dict:
+    files = (p for p in folder.rglob("*") if p.is_file())
+    return {str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest() for p in files}
+
+
+def test_a_rerun_with_another_recipe_is_refused_and_changes_nothing(pipe_dir, straight, tmp_path):
+    work = tmp_path / "work"
+    shutil.copytree(straight[0], work, symlinks=True)
+    before = _files(work / "checkpoints") | {"config.json": (work / "config.json").read_text()}
+    c = _config(pipe_dir, steps=9)  # more steps alone would resume (the lr so far is unchanged: warmup)
+    c.train.lr, c.loss.shift = 0.01, 1.0
+    with pytest.raises(ValueError) as e:
+        train.run(c, work)
+    assert "train.lr: 0.002 -> 0.01" in str(e.value) and "loss.shift: 3.0 -> 1.0" in str(e.value)
+    assert "train.steps" not in str(e.value)
+    assert _files(work / "checkpoints") | {"config.json": (work / "config.json").read_text()} == before
+
+
+def test_the_export_is_redone_when_its_step_differs(tmp_path):
+    source, dst = tmp_path / "src", tmp_path / "pipeline"
+    (source / "transformer").mkdir(parents=True)
+    (source / "vae").mkdir()
+    (source / "model_index.json").write_text("{}")
+    (source / "transformer" / "config.json").write_text("{}")
+    params = lambda v: {"w": np.full(3, v, np.float32)}
+    export = lambda v, step: train.export_pipeline(source, dst, None, params(v), step)
+    exported = lambda: float(checkpoint.restore_params(dst / "transformer" / "params", params(0))["w"][0])
+
+    export(1, step=20)
+    assert train.exported_step(dst) == 20 and exported() == 1 and (dst / "vae").is_symlink()
+    export(2, step=20)  # the same step (a rerun of a finished run): kept
+    assert exported() == 1
+    export(3, step=30)  # the run extended from 20 to 30 steps: replaced
+    assert train.exported_step(dst) == 30 and exported() == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline", "src"]  # nothing left beside it
+    dst.rename(tmp_path / "pipeline.old")  # killed between the two renames of the swap
+    export(4, step=30)
+    assert exported() == 3 and not (tmp_path / "pipeline.old").exists()  # the old export put back, still step 30
+    (dst / train.EXPORT_RECORD).unlink()  # an export from before the step was recorded
+    export(5, step=30)
+    assert train.exported_step(dst) == 30 and exported() == 5
 
 
 def test_sigterm_saves_a_checkpoint_and_stops(pipe_dir, tmp_path, monkeypatch):
