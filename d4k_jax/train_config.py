@@ -2,8 +2,8 @@
 
 `validate(c, workdir, num_devices)` reads only JSON (the pipeline's vae/ and transformer/ config.json)
 and the file system: no weights are read and no dataset is built, so a bad eval size, batch split or
-mesh fails in seconds rather than after hours of training. One ValueError lists every problem, each
-with the bad value and what was expected.
+mesh fails in seconds rather than after hours of training. One ValueError (one line) lists every
+problem, each with the bad value and what was expected.
 
 `check_resume(new, workdir, num_devices)` compares a run's config with the one its checkpoints were
 trained with (WORKDIR/config.json, the last accepted config; else the checkpoints' metadata) and refuses
@@ -68,9 +68,9 @@ def validate(c: ml_collections.ConfigDict, workdir: str | Path, num_devices: int
     """Raise one ValueError listing everything wrong with the training config `c` (see the module doc)."""
     problems = [*_choice_problems(c), *_number_problems(c), *mesh_problems(c.train.mesh, num_devices)]
     problems += _pipeline_problems(c) + _data_problems(c, Path(workdir))
-    if problems:
-        listed = "".join(f"\n  - {p}" for p in problems)
-        raise ValueError(f"the training config has {len(problems)} problem(s); nothing was loaded:{listed}")
+    if problems:  # one line (the CLI's `error:` line), the problems in the order of the checks
+        listed = "; ".join(problems)
+        raise ValueError(f"the training config has {len(problems)} problem(s), nothing was loaded: {listed}")
 
 
 def _choice_problems(c) -> list[str]:
@@ -140,7 +140,7 @@ def mesh_problems(mesh: Mapping[str, Any], num_devices: int, field: str = "train
     fixed = int(np.prod([s for s in mesh.values() if s != -1]))
     if (-1 in mesh.values() and num_devices % fixed) or (-1 not in mesh.values() and fixed != num_devices):
         return [
-            f"{field}={mesh} does not fit the {num_devices} devices: expected sizes whose product is "
+            f"{field}={mesh} does not fit {num_devices} device(s): expected sizes whose product is "
             f"{num_devices} (one may be -1: the rest)"
         ]
     return []

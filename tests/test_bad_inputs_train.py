@@ -44,7 +44,7 @@ def test_bad_sizes_batch_mesh_and_names_are_all_reported_before_loading(tmp_path
     assert_user_error(r, "data.resolution=40", "multiple of 16", case="non-multiple-of-32 size")
     assert_user_error(r, "eval.height=512", "position table", "at most 256", case="size beyond the position table")
     assert_user_error(r, "train.microbatches=3", "train.batch_size=32", case="batch not divisible by microbatches")
-    assert_user_error(r, "'data': 3", "does not fit the 1 devices", case="mesh larger than the devices")
+    assert_user_error(r, "'data': 3", "does not fit 1 device(s)", case="mesh larger than the devices")
     assert_user_error(r, "loss.loss='wavelet'", "'wlf', 'flow'", case="unknown loss")
     assert not work.exists()  # nothing written
 
