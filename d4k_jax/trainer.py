@@ -266,6 +266,7 @@ def _progress_bar(start: int, num_steps: int, enabled: bool) -> tqdm:
     return tqdm(
         total=num_steps,
         initial=start,
+        desc="train",
         unit="step",
         file=sys.stderr,
         dynamic_ncols=interactive,
