@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import resource
 import shlex
 import signal
 import subprocess
@@ -37,7 +36,7 @@ def _env(devices: int, extra: dict | None) -> dict:
     env = dict(os.environ)
     env.update(
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {os.environ.get('D4K_TEST_XLA_FLAGS', '')}",
         PYTHONPATH=str(ROOT),
     )
     env.pop("D4K_TRACEBACK", None)
@@ -45,13 +44,14 @@ def _env(devices: int, extra: dict | None) -> dict:
     return env
 
 
-def _limits(file_size: int | None):
-    def apply():
-        if file_size is not None:  # a full disk: writes past `file_size` bytes fail with EFBIG (no SIGXFSZ kill)
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-            resource.setrlimit(resource.RLIMIT_FSIZE, (file_size, file_size))
-
-    return apply
+# A full disk, simulated: the child limits its own file size before running the module (no preexec_fn, which
+# would run Python between fork and exec in a multithreaded parent), and ignores SIGXFSZ so that a write past
+# the limit fails with EFBIG instead of killing it.
+_LIMITED = (
+    "import os, resource, runpy, signal, sys; n = int(os.environ.pop('D4K_TEST_FILE_SIZE')); "
+    "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); resource.setrlimit(resource.RLIMIT_FSIZE, (n, n)); "
+    "sys.argv = sys.argv[1:]; runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)"
+)
 
 
 def command(module: str, *args) -> list[str]:
@@ -67,17 +67,12 @@ def run_cli(
     timeout: float = 600,
 ) -> Result:
     """`python -m module args...` from the repository root on `devices` CPU devices; waits for it."""
-    cmd = command(module, *args)
-    p = subprocess.run(
-        cmd,
-        cwd=ROOT,
-        env=_env(devices, env),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        preexec_fn=_limits(file_size),
-    )
-    return Result(_shown(cmd), p.returncode, p.stdout, p.stderr)
+    cmd, env = command(module, *args), _env(devices, env)
+    if file_size is not None:
+        env["D4K_TEST_FILE_SIZE"] = str(file_size)
+        cmd = [sys.executable, "-c", _LIMITED, module, *cmd[3:]]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return Result(_shown(command(module, *args)), p.returncode, p.stdout, p.stderr)
 
 
 def start_cli(module: str, *args, devices: int = 1, env: dict | None = None, log: Path | None = None):

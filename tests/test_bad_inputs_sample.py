@@ -1,7 +1,7 @@
 """`python -m d4k_jax.sample` against bad input, as a user runs it: one line naming the bad value and what
 was expected, no traceback, nothing already written lost, and a killed run that a rerun completes.
 
-The runs that sample share one persistent compilation cache (the first compiles, the others read it)."""
+The runs that sample share the session's compilation cache (conftest): the first compiles."""
 
 from pathlib import Path
 
@@ -32,12 +32,8 @@ def _args(root: Path, outdir, *args, config="flux_wlf", pipeline=DEMO, prompts=N
     return [*flags, f"--prompts={prompts or root / 'prompts.txt'}", f"--outdir={outdir}"]
 
 
-def _cache(root: Path) -> dict:
-    return {"JAX_COMPILATION_CACHE_DIR": str(root / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-
-
 def _sample(root: Path, outdir, *args, file_size=None, **kw):
-    return run_cli(SAMPLE, *_args(root, outdir, *args, **kw), env=_cache(root), file_size=file_size)
+    return run_cli(SAMPLE, *_args(root, outdir, *args, **kw), file_size=file_size)
 
 
 def _written(outdir: Path) -> tuple[dict[str, bytes], list[str]]:
@@ -110,7 +106,7 @@ def test_disk_full_keeps_what_was_written(root, finished):
 
 def test_sigkill_during_sampling_then_rerun(root, finished):
     out = root / "killed"
-    proc = start_cli(SAMPLE, *_args(root, out), env=_cache(root), log=root / "killed.log")
+    proc = start_cli(SAMPLE, *_args(root, out), log=root / "killed.log")
     kill_when(proc, lambda: any(out.glob("*.png")))
     assert 0 < len(_written(out)[0]) < IMAGES, "the kill came after the run"
     result = _sample(root, out)

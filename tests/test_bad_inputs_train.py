@@ -1,7 +1,8 @@
 """`python -m d4k_jax.train` against bad input, as a user runs it (subprocesses, one CPU device, the
 embedded demo pipeline at 32²): each case exits non-zero with one message naming the bad value and what
 was expected, no traceback, and the outputs already written intact; a killed run resumes to the losses
-of an uninterrupted one. The runs that train share one compilation cache (only the first compiles)."""
+of an uninterrupted one. The runs that train share the session's compilation cache (conftest): only the
+first compiles."""
 
 import hashlib
 import json
@@ -72,21 +73,10 @@ def test_unknown_config_key_and_wrong_config_type(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """One JAX compilation cache for the training runs of this module: the first compiles, the rest read."""
-    folder = tmp_path_factory.mktemp("jax_cache")
-    return {
-        "JAX_COMPILATION_CACHE_DIR": str(folder),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-    }
-
-
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory, cache):
+def straight(tmp_path_factory):
     """An uninterrupted run of TINY: its workdir."""
     work = tmp_path_factory.mktemp("straight")
-    r = run_cli(TRAIN, *TINY, f"--workdir={work}", env=cache)
+    r = run_cli(TRAIN, *TINY, f"--workdir={work}")
     assert r.returncode == 0, r.output
     return work
 
@@ -112,10 +102,10 @@ def test_a_rerun_with_another_lr_is_refused_and_changes_nothing(straight, tmp_pa
     assert _files(straight / "checkpoints") | {"config.json": (straight / "config.json").read_text()} == before
 
 
-def test_killed_in_a_checkpoint_save_then_disk_full_then_resumed_to_the_same_losses(straight, cache, tmp_path):
+def test_killed_in_a_checkpoint_save_then_disk_full_then_resumed_to_the_same_losses(straight, tmp_path):
     work = tmp_path / "work"
     args = (*TINY, f"--workdir={work}", "--config.train.checkpoint_every=1")  # a save after every step
-    proc = start_cli(TRAIN, *args, env=cache, log=tmp_path / "killed.log")
+    proc = start_cli(TRAIN, *args, log=tmp_path / "killed.log")
     ckpts = work / "checkpoints"
 
     def saving_after_a_checkpoint() -> bool:  # a save under way (orbax's tmp folder), one finished before it
@@ -128,12 +118,12 @@ def test_killed_in_a_checkpoint_save_then_disk_full_then_resumed_to_the_same_los
     intact = _files(ckpts / str(max(kept)))
 
     # the rerun resumes from the last finished checkpoint, and finds the disk full at its next save
-    r = run_cli(TRAIN, *args, env=cache, file_size=1 << 20)
+    r = run_cli(TRAIN, *args, file_size=1 << 20)
     assert f"resumed from step {max(kept)}" in r.output, r.output
     assert_user_error(r, "disk is full or a file size limit was reached", "free space and rerun", case="disk full")
     assert _files(ckpts / str(max(kept))) == intact
 
-    r = run_cli(TRAIN, *args, env=cache)  # space again: it completes
+    r = run_cli(TRAIN, *args)  # space again: it completes
     assert r.returncode == 0, r.output
     assert f"resumed from step {max(kept)}" in r.output
     assert _losses(work) == pytest.approx(_losses(straight), rel=1e-6)
