@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 import pytest
+from conftest import rel_err
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from d4k_jax.metrics import recon
@@ -81,13 +82,15 @@ def test_identical_images():
 
 
 def test_jittable_and_batch_independent():
+    """Each image alone gives what it gives in the batch, to DESIGN's relative error over the batch (max |diff| /
+    max |value|). Not per value: the SSIM of the unrelated random pair is 0.0012, a mean of terms of size ~1
+    that cancel, whose float32 sum moves by 1e-9 with the order XLA sums in (1e-6 of itself)."""
     a, b = _pairs(16, 24)
     f = jax.jit(lambda x, y: (recon.psnr(x, y), recon.ssim(x, y), recon.nmse(x, y)))
     batched = f(a, b)
-    for i in range(len(a)):
-        single = f(a[i : i + 1], b[i : i + 1])
-        for got, ref in zip(single, batched, strict=True):
-            np.testing.assert_allclose(got[0], ref[i], rtol=1e-6)
+    singles = [f(a[i : i + 1], b[i : i + 1]) for i in range(len(a))]
+    for k, ref in enumerate(batched):
+        assert rel_err(np.concatenate([s[k] for s in singles]), ref) < 1e-6, k
 
 
 @pytest.mark.parametrize(

@@ -105,22 +105,32 @@ def test_padding_mask_matters(pair):
     assert not np.allclose(with_mask[0, :5], without[0, :5], atol=1e-3)  # bidirectional: tokens see padding
 
 
+def _rms_err(ours, ref) -> float:
+    """sqrt(mean((ours - ref)²)) / sqrt(mean(ref²)): the typical bf16 error, not one tail element."""
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return float(np.sqrt(np.mean((ours - ref) ** 2) / np.mean(ref**2)))
+
+
 def test_bf16_compute_stays_close_to_fp32(pair):
     """bf16 rounds to 2^-9 ~ 2e-3 relative per step: three layers stay inside 2e-2 of fp32, and (float32 wo and
-    residual stream) no further from it than transformers' own bf16 model is."""
+    residual stream) no further from it than transformers' own bf16 model is. That comparison is made on the
+    RMS error over every output (ours 0.0047-0.0066, transformers' 0.0085-0.0089 on the two configs): it was
+    made on the max error, a tail statistic of both models (ours 0.0078-0.011 against transformers' 0.012-0.019),
+    which left 1.6x between them and moved with the rounding of single elements."""
     _, module, params, folder = pair
     ids, mask = batch((40, 23, 9), 40)
     want = module.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask)).last_hidden_state
     torch_bf16 = T5EncoderModel.from_pretrained(folder, dtype=torch.bfloat16).eval()
     with torch.no_grad():
         theirs = torch_bf16(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state.float()
-    torch_err = rel_err(theirs.numpy(), want)
+    torch_err = _rms_err(theirs.numpy(), want)
     for param_dtype in (jnp.float32, jnp.bfloat16):
         bf16, p16 = load_component(folder, dtype=jnp.bfloat16, param_dtype=param_dtype)
         assert jax.tree.leaves(p16)[0].dtype == param_dtype
         got = jax.jit(bf16.apply)({"params": p16}, jnp.asarray(ids), jnp.asarray(mask)).last_hidden_state
         assert got.dtype == jnp.bfloat16 and bool(jnp.isfinite(got).all())
-        assert rel_err(got, want) < min(2e-2, torch_err)
+        assert rel_err(got, want) < 2e-2
+        assert _rms_err(got, want) < torch_err
 
 
 def test_save_pretrained_writes_one_embedding_name(pair):
