@@ -45,6 +45,7 @@ def disk_full_errors(path: str | os.PathLike) -> Iterator[None]:
         if code not in _DISK_FULL:
             raise
         held.records.clear()
+        logging.getLogger("asyncio").addFilter(_unretrieved_disk_full)  # stays: they come at exit
         raise OSError(code, os.strerror(code), os.fspath(path)) from None
     else:
         sys.unraisablehook = unraisable  # after a failure the noise can come later: the filter stays
@@ -107,6 +108,13 @@ class _Held(logging.Filter):
         records, self.records = self.records, []
         for r in records:
             logging.getLogger(r.name).handle(r)
+
+
+def _unretrieved_disk_full(record: logging.LogRecord) -> bool:
+    """False for asyncio's "Task exception was never retrieved" of a write that found the disk full: orbax's
+    other writer tasks of a failed save, garbage-collected (often at exit) after the error was reported."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (exc is not None and _os_error_code(exc) in _DISK_FULL and "never retrieved" in record.getMessage())
 
 
 def _without_closed_loop_noise(hook):
