@@ -31,4 +31,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format .
 
 clean:
-	rm -rf $(VENV) workdir
+	rm -rf $(VENV) workdir .jax_cache

@@ -13,11 +13,12 @@ os.environ["XLA_FLAGS"] = " ".join(
 )
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the whole run, which the CLIs the tests start as subprocesses inherit:
-# a program compiled again (by another test, xdist worker or process) is read back instead of recompiled.
+# a program compiled again (by another test, xdist worker or process) is read back instead of recompiled. A run
+# writes about 20 MB; no size cap, because JAX's LRU eviction races between processes (missing -atime files).
+# `make clean` removes it.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.25")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(1 << 30))  # LRU-evicted past 1 GiB (a run writes ~20 MB)
 
 import jax
 import numpy as np
