@@ -26,7 +26,7 @@ import numpy as np
 from absl import flags, logging
 from tqdm import tqdm
 
-from d4k_jax import cli
+from d4k_jax import cli, files
 from d4k_jax.metrics import images as image_sets
 from d4k_jax.metrics import suite
 from d4k_jax.metrics.compression import QUALITY
@@ -235,7 +235,7 @@ def main(argv) -> None:
         batch_size=f.batch_size, limit=f.limit, vae=f.vae, stride=f.stride, vae_dtype=f.vae_dtype,
         sample_posterior=f.sample_posterior, seed=f.seed,
     )  # fmt: skip
-    image_sets.write_json(out, report)
+    files.write_json(out, report)
     print(table(report))
     print(f"{report['count']} images ({report['skipped_unreadable']} unreadable skipped); report: {out}")
 

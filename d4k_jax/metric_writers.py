@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import numbers
-import os
 from pathlib import Path
 
 import jax
 import numpy as np
 from absl import logging
+
+from d4k_jax import files
 
 
 class MetricWriter:
@@ -76,8 +77,6 @@ def drop_rows_after(path: Path, step: int) -> int:
         kept += [line] if keep else []
         dropped += not keep
     if dropped or not text.endswith("\n"):  # (a complete last row without its newline: the next would join it)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+        files.write_text(path, "".join(line + "\n" for line in kept))
         logging.info("%s: dropped %d rows past the resumed step %d", path, dropped, step)
     return dropped

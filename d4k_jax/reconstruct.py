@@ -23,9 +23,9 @@ from ml_collections import config_flags
 from PIL import Image
 from tqdm import tqdm
 
-from d4k_jax import cli, sharding
+from d4k_jax import cli, files, sharding
 from d4k_jax.data.demo import demo_examples
-from d4k_jax.metrics.images import IMAGE_SUFFIXES, center_crop, write_json
+from d4k_jax.metrics.images import IMAGE_SUFFIXES, center_crop
 from d4k_jax.models import vae as vae_lib
 
 SPATIAL = ("batch", "height", "width", "channels")
@@ -158,7 +158,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
         "protocol": "PSNR on uint8 RGB in [0, 255] (null: identical images, infinite PSNR); posterior "
         + ("sample" if c.sample_posterior else "mean"),
     }
-    write_json(out_dir / "metrics.json", report)
+    files.write_json(out_dir / "metrics.json", report)
     logging.info("wrote %d reconstructions to %s; mean PSNR %.2f dB", len(scores), out_dir, report["mean_psnr"])
     return report
 
@@ -166,13 +166,8 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
 def _save(image: np.ndarray, path: Path) -> None:
     """A PNG written whole or not at all (a full disk leaves no half image under the name)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with files.replaced(path) as tmp:
         Image.fromarray(image).save(tmp, format="PNG")
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
-    tmp.rename(path)
 
 
 def main(argv):

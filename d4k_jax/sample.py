@@ -21,7 +21,6 @@ rerun makes again (the same image: same seed); a half-written last line is dropp
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from ml_collections import config_flags
 from PIL import Image
 from tqdm import tqdm
 
-from d4k_jax import cli, sharding
+from d4k_jax import cli, files, sharding
 from d4k_jax.pipelines import base
 
 SETTINGS = "settings.json"
@@ -221,7 +220,7 @@ def written_images(out: Path, prompts: list[str], images_per_prompt: int, ext: s
         kept.append(line)
         names.add(name)
     if tidy and (len(kept) != len(lines) or (text and not text.endswith("\n"))):
-        _write_atomic(meta, "".join(x + "\n" for x in kept))
+        files.write_text(meta, "".join(x + "\n" for x in kept))
     return names
 
 
@@ -257,7 +256,7 @@ def run(c: ml_collections.ConfigDict, prompts_file: str, outdir: str) -> int:
         return 0
     if fresh and jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out / SETTINGS, json.dumps(wanted, indent=2) + "\n")
+        files.write_text(out / SETTINGS, json.dumps(wanted, indent=2) + "\n")
     pipe = load_pipeline(c)
     data = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -323,13 +322,8 @@ def _channels(c, module) -> int:
 
 
 def _save(image: np.ndarray, path: Path, fmt: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")  # a crash never leaves a half-written image under its name
-    try:
+    with files.replaced(path) as tmp:  # a crash never leaves a half-written image under its name
         Image.fromarray(image).save(tmp, format=fmt.upper(), **({"quality": 95} if fmt == "jpeg" else {}))
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
-    tmp.rename(path)
 
 
 def _append_line(path: Path, line: str) -> None:
@@ -338,16 +332,6 @@ def _append_line(path: Path, line: str) -> None:
             f.write(line + "\n")
     except OSError as e:
         raise OSError(e.errno, e.strerror or str(e), str(path)) from e
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
-    os.replace(tmp, path)
 
 
 def main(argv):

@@ -32,7 +32,7 @@ import numpy as np
 from absl import flags, logging
 from ml_collections import config_flags
 
-from d4k_jax import checkpoint, cli, plots, sharding, train_config
+from d4k_jax import checkpoint, cli, files, plots, sharding, train_config
 from d4k_jax import train_step as ts
 from d4k_jax.data import aesthetic4k, demo, input_pipeline, text_cache
 from d4k_jax.metrics import suite
@@ -49,7 +49,7 @@ def run(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[dict]:
     train_config.check_resume(stored, workdir, jax.device_count())  # a refused config leaves config.json as it was
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
-        _write_atomic(workdir / "config.json", json.dumps(stored, indent=2) + "\n")
+        files.write_text(workdir / "config.json", json.dumps(stored, indent=2) + "\n")
         (workdir / "eval_prompts.txt").write_text("".join(p + "\n" for p in c.eval.prompts))  # for d4k_jax.sample
     path = base.pipeline_dir(c.pipeline)
     mesh = sharding.make_mesh(dict(c.train.mesh))
@@ -317,13 +317,6 @@ def _sync(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """A crash (or a full disk) leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _missing(what: str):

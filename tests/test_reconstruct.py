@@ -11,7 +11,7 @@ from PIL import Image
 from configs import vae_recon
 from d4k_jax import reconstruct
 from d4k_jax.data.demo import COLORS, demo_examples
-from d4k_jax.metrics.images import write_json
+from d4k_jax.files import write_json
 
 
 def test_demo_set_is_deterministic_and_captioned():

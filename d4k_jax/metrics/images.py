@@ -9,7 +9,6 @@ import concurrent.futures
 import dataclasses
 import io
 import json
-import math
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -112,28 +111,3 @@ def batches(
             read = [(it, r) for it, r in read if r is not None]
             if read:
                 yield Batch([it for it, _ in read], [r[0] for _, r in read], [r[1] for _, r in read])
-
-
-def finite(value):
-    """`value` with every NaN / infinite float replaced by None (JSON null): standard JSON has neither."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite(v) for v in value]
-    return value
-
-
-def write_json(path: str | os.PathLike, report) -> None:
-    """The report as standard JSON (non-finite numbers as null), atomically: a crash or a full disk leaves
-    the previous file, never a half-written one."""
-    path = Path(path)
-    text = json.dumps(finite(report), indent=2, allow_nan=False) + "\n"
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
-    os.replace(tmp, path)
