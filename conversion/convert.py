@@ -28,10 +28,11 @@ from typing import Any
 import jax.numpy as jnp
 from absl import app, flags, logging
 
-from conversion.components import KINDS, class_name, override_problem
 from conversion.export import STORAGE_DTYPES, export_component
-from conversion.load import PARAMS_DIR, load_config, load_with_config
+from conversion.load import load_with_config
 from d4k_jax import checkpoint, cli
+from d4k_jax.io.components import KINDS, class_name, override_problem
+from d4k_jax.io.load import PARAMS_DIR, load_config
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("src", None, "diffusers/transformers pipeline or component folder, or a converted one")

@@ -12,9 +12,9 @@ import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
-from conversion.components import kind_for
-from conversion.rules import to_torch
-from conversion.safetensors_io import save_file
+from d4k_jax.io.components import kind_for
+from d4k_jax.io.safetensors_io import save_file
+from d4k_jax.models.keymap import to_torch
 
 STORAGE_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 

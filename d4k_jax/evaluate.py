@@ -200,8 +200,8 @@ def evaluate(
 def _vae_roundtrip(path: str, stride: int, dtype: str, sample_posterior: bool):
     import jax.numpy as jnp
 
-    from conversion import load_component
     from d4k_jax import reconstruct, sharding
+    from d4k_jax.io import load_component
 
     module, params = load_component(path, dtype=jnp.dtype(dtype), stride=stride)
     mesh = sharding.make_mesh({"data": 1, "sequence": -1})

@@ -25,8 +25,10 @@ from tqdm import tqdm
 
 from d4k_jax import cli, files, sharding
 from d4k_jax.data.demo import demo_examples
+from d4k_jax.io import load_component, load_config
 from d4k_jax.metrics.images import IMAGE_SUFFIXES, center_crop
 from d4k_jax.models import vae as vae_lib
+from d4k_jax.models.vae_keys import config_from_diffusers
 
 SPATIAL = ("batch", "height", "width", "channels")
 
@@ -42,8 +44,6 @@ def load_vae(c: ml_collections.ConfigDict):
         return module, nn.unbox(params)
     if not c.vae_path:
         raise ValueError("set --config.vae_path to a diffusers vae folder (or use configs/vae_recon.py:tiny)")
-    from conversion import load_component  # torch-free
-
     return load_component(c.vae_path, dtype=dtype, stride=c.stride, shifted_tail=c.shifted_tail)
 
 
@@ -59,9 +59,6 @@ def vae_config(c: ml_collections.ConfigDict) -> vae_lib.VAEConfig:
         )
     if not c.vae_path:
         raise ValueError("set --config.vae_path to a diffusers vae folder (or use configs/vae_recon.py:tiny)")
-    from conversion.load import load_config  # torch-free
-    from conversion.vae import config_from_diffusers
-
     return config_from_diffusers(load_config(c.vae_path, stride=c.stride, shifted_tail=c.shifted_tail))
 
 

@@ -35,6 +35,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from d4k_jax import cli, files, sharding
+from d4k_jax.io import class_name, kind_of_module, load_config
+from d4k_jax.models import mmdit_keys, vae_keys
 from d4k_jax.pipelines import base
 
 SETTINGS = "settings.json"
@@ -65,13 +67,9 @@ def read_prompts(path: str | Path) -> list[str]:
 def pipeline_geometry(path: str | Path, model: str, vae_stride: int | None) -> tuple[int, int | None]:
     """(pixels per latent token side, the largest image side in pixels or None), read from the pipeline's
     vae/ and transformer/ config.json (no weights). SD3's position table bounds the side; Flux's RoPE does not."""
-    from conversion import sd3, vae  # config translation only: torch-free, no weights
-    from conversion.components import class_name
-    from conversion.load import load_config
-
     folder = base.pipeline_dir(path)
     stride = {} if vae_stride is None else {"stride": vae_stride}
-    vae_factor = vae.config_from_diffusers(load_config(folder / "vae", **stride)).downsample_factor
+    vae_factor = vae_keys.config_from_diffusers(load_config(folder / "vae", **stride)).downsample_factor
     cfg = load_config(folder / "transformer")
     if class_name(cfg) not in (None, TRANSFORMERS[model]):
         raise ValueError(
@@ -80,7 +78,7 @@ def pipeline_geometry(path: str | Path, model: str, vae_stride: int | None) -> t
         )
     if model == "flux":
         return 2 * vae_factor, None  # 2x2 packed latents
-    t = sd3.config_from_diffusers(cfg)
+    t = mmdit_keys.config_from_diffusers(cfg)
     return t.patch_size * vae_factor, t.pos_embed_max_size * t.patch_size * vae_factor
 
 
@@ -305,8 +303,6 @@ def _place(component, mesh, shard: bool):
     module, params = component
     if not shard:
         return jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
-    from conversion.components import kind_of_module
-
     abstract = jax.eval_shape(module.init, jax.random.key(0), *kind_of_module(module).init_inputs(module.config))
     return jax.device_put(params, sharding.params_sharding(mesh, sharding.DEFAULT_RULES, abstract)["params"])
 

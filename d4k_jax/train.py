@@ -35,6 +35,7 @@ from ml_collections import config_flags
 from d4k_jax import checkpoint, cli, files, plots, sharding, train_config
 from d4k_jax import train_step as ts
 from d4k_jax.data import aesthetic4k, demo, input_pipeline, text_cache
+from d4k_jax.io import kind_of_module, load_component
 from d4k_jax.metrics import suite
 from d4k_jax.pipelines import base
 from d4k_jax.train_config import lr_schedule
@@ -59,8 +60,6 @@ def run(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[dict]:
     data_dir = prepare_data(c, workdir)
     captions = input_pipeline.captions(data_dir, c.data.split)
     logging.info("%d training images in %s; global batch %d on mesh %s", len(captions), data_dir, global_batch, mesh)
-
-    from conversion import load_component  # torch-free
 
     dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
     module, params = load_component(path / "transformer", dtype=dtype, param_dtype=param_dtype, remat=c.train.remat)
@@ -87,8 +86,6 @@ def run(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[dict]:
         c.train.clip_norm,
         ts.trainable_mask(params),
     )
-    from conversion.components import kind_of_module
-
     trainer = Trainer(
         module,
         params,

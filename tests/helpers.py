@@ -25,7 +25,7 @@ def assert_maps_onto(torch_shapes: dict, rules, flax_shapes: dict) -> None:
     """Every torch tensor maps onto exactly one Flax parameter of the right shape, checked without
     building full-size arrays: one pass with each kernel's input dim cut to 1 and one with its output
     dim cut to 1 (biases and norms stay whole), under the strict accounting of `to_flax`."""
-    from conversion.rules import to_flax
+    from d4k_jax.models.keymap import to_flax
 
     for keep in ("out", "in"):
         cut_torch = {
@@ -51,7 +51,7 @@ def edited_copy(folder: Path, tmp_path: Path, edit) -> Path:
     """A copy of a single-file component folder whose state dict went through `edit(dict)`."""
     import shutil
 
-    from conversion.safetensors_io import TensorSource, save_file
+    from d4k_jax.io.safetensors_io import TensorSource, save_file
 
     (weights,) = folder.glob("*.safetensors")
     state = dict(TensorSource([weights]))

@@ -13,9 +13,9 @@ from helpers import edited_copy, save_component
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from conversion import ConversionError, export_component, load_component, load_config
-from conversion.clip import config_from_transformers
-from conversion.safetensors_io import TensorSource
 from d4k_jax import sharding
+from d4k_jax.io.safetensors_io import TensorSource
+from d4k_jax.models.clip_keys import config_from_transformers
 
 WEIGHTS = "model.safetensors"
 VOCAB, MAX_POS = 99, 12

@@ -21,15 +21,16 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from conversion import ConversionError
-from conversion.clip_vision import load_clip, vision_config_from_transformers, vision_rules
-from conversion.components import param_shapes
-from conversion.rules import to_flax
-from conversion.safetensors_io import save_file
+from conversion import pickled
+from d4k_jax.io import ConversionError
+from d4k_jax.io.clip_model import load_clip
+from d4k_jax.io.safetensors_io import save_file
 from d4k_jax.metrics.aesthetic import Aesthetics
 from d4k_jax.metrics.clip_score import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, CLIPScore, Preprocess
 from d4k_jax.metrics.weights import MissingWeights
 from d4k_jax.models.clip_vision import VIT_B_16, VIT_L_14, CLIPVisionModel
+from d4k_jax.models.clip_vision_keys import vision_config_from_transformers, vision_rules
+from d4k_jax.models.keymap import param_shapes, to_flax
 
 SIZE, MAX_POS = 32, 77
 PROJ = 768  # the aesthetic head's input width: one tiny CLIP serves both metrics
@@ -193,7 +194,11 @@ def test_aesthetics_match_torch(clip, tmp_path):
     torch.save(state, tmp_path / "head.pth")
     save_file({k: v.numpy() for k, v in state.items()}, tmp_path / "head.safetensors")
     ims = images(SIZES, seed=3)
-    metric = Aesthetics.from_files(tmp_path / "head.pth", folder, batch_size=4)
+    with pytest.raises(ValueError, match=r"torch pickle.*python -m conversion\.pickled .*head\.pth"):
+        Aesthetics.from_files(tmp_path / "head.pth", folder)  # the library unpickles nothing
+    metric = Aesthetics.from_files(
+        pickled.to_safetensors(tmp_path / "head.pth", tmp_path / "conv.safetensors"), folder, batch_size=4
+    )
     pixels = Preprocess(SIZE, SIZE, rounding="round")(ims)  # OpenAI's preprocess (its crop: tested above)
     with torch.no_grad():
         e = model.get_image_features(nchw(pixels)).pooler_output.numpy()

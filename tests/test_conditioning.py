@@ -19,7 +19,7 @@ from transformers import (
     CLIPTextModelWithProjection,
 )
 
-from conversion import load_component
+from d4k_jax.io import load_component
 from d4k_jax.pipelines.conditioning import flux_conditioning, sd3_conditioning
 from d4k_jax.pipelines.tokenizer import Tokenizer
 

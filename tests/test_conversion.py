@@ -17,8 +17,8 @@ from torch_vae import make_vae
 
 from conversion import ConversionError, SafetensorsError, load_component
 from conversion.convert import convert, parse_overrides, partial_path
-from conversion.safetensors_io import TensorSource, save_file
-from d4k_jax import checkpoint
+from d4k_jax import checkpoint, io
+from d4k_jax.io.safetensors_io import TensorSource, save_file
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -75,6 +75,8 @@ def test_sharded_safetensors_with_index(folder, tmp_path):
     _, want = load_component(folder)
     _, got = load_component(out)
     jax.tree.map(np.testing.assert_array_equal, got, want)
+    with pytest.raises(FileNotFoundError, match=r"torch-pickled.*python -m conversion\.convert"):
+        io.load_component(out)  # the library never unpickles: it names the conversion step
 
 
 def test_reads_bf16_without_torch_conversion(tmp_path):
@@ -171,6 +173,8 @@ def test_pickled_weights_load_with_weights_only(folder, tmp_path):
     _, want = load_component(folder)
     _, got = load_component(out)
     jax.tree.map(np.testing.assert_array_equal, got, want)
+    with pytest.raises(FileNotFoundError, match=r"torch-pickled.*python -m conversion\.convert"):
+        io.load_component(out)  # the library never unpickles: it names the conversion step
 
 
 def _raw_safetensors(path, header, data=b""):

@@ -12,6 +12,7 @@ import pytest
 import torch_fidelity_ref
 from PIL import Image
 
+from conversion import pickled
 from d4k_jax import evaluate, reconstruct, sharding
 from d4k_jax.data.demo import demo_examples
 from d4k_jax.metrics import compression, glcm, suite
@@ -59,7 +60,7 @@ def test_saved_jpegs_are_measured_as_they_are_and_unreadable_files_skipped(tmp_p
 
 @pytest.mark.skipif(not torch_fidelity_ref.AVAILABLE, reason=torch_fidelity_ref.SKIP_REASON)
 def test_fid_against_a_reference_folder_with_cached_statistics(tmp_path):
-    weights = str(torch_fidelity_ref.random_inception_file(tmp_path / "inception.pth"))
+    weights = str(pickled.to_safetensors(torch_fidelity_ref.random_inception_file(tmp_path / "inception.pth")))
     root, images = _folder(tmp_path / "gen", n=3, size=64)
     real, real_images = _folder(tmp_path / "real", n=4, size=96, seed=1)  # cropped to the generated size
     cache = tmp_path / "ref.npz"
@@ -80,7 +81,7 @@ def test_vae_reconstruction_protocol(tmp_path):
     names = ["psnr", "ssim", "nmse", "lpips", "rfid"]
     report = evaluate.evaluate(str(root), names, suite.Weights(), vae=str(DEMO_VAE), vae_dtype="float32", size=64)
     m = report["metrics"]
-    from conversion import load_component
+    from d4k_jax.io import load_component
 
     module, params = load_component(DEMO_VAE, stride=2)
     rec = reconstruct.roundtrip_fn(module, sharding.make_mesh({"data": 1, "sequence": -1}), False)(

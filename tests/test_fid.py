@@ -11,22 +11,24 @@ import torch
 import torch_fidelity_ref
 from conftest import LAYER_TOL, MODEL_TOL, rel_err
 
-from conversion import ConversionError
-from conversion.inception import checkpoint_rules, export, variable_shapes
-from conversion.rules import to_flax
-from conversion.safetensors_io import TensorSource
+from conversion import pickled
+from conversion.inception import export
+from d4k_jax.io import ConversionError
+from d4k_jax.io.safetensors_io import TensorSource
 from d4k_jax.metrics.fid import FeatureStats, InceptionFeatures, fid, frechet_distance
 from d4k_jax.metrics.weights import MissingWeights
 from d4k_jax.models.inception import InceptionV3, resize_bilinear_tf1
+from d4k_jax.models.inception_keys import checkpoint_rules, variable_shapes
+from d4k_jax.models.keymap import to_flax
 
 needs_fidelity = pytest.mark.skipif(not torch_fidelity_ref.AVAILABLE, reason=torch_fidelity_ref.SKIP_REASON)
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """(weights file, torch-fidelity's extractor loaded from it, our extractor loaded from it)."""
+    """(weights file, torch-fidelity's extractor loaded from it, ours loaded from its safetensors conversion)."""
     path = torch_fidelity_ref.random_inception_file(tmp_path_factory.mktemp("fid") / "inception.pth")
-    return path, torch_fidelity_ref.load_inception(path), InceptionFeatures.from_file(path)
+    return path, torch_fidelity_ref.load_inception(path), InceptionFeatures.from_file(pickled.to_safetensors(path))
 
 
 def _torch_features(model, images: np.ndarray) -> np.ndarray:

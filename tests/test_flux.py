@@ -8,7 +8,7 @@ from conftest import MODEL_TOL, rel_err
 from helpers import assert_sharded_forward_matches, save_component
 from torch_flux import flux_forward, make_flux
 
-from conversion import load_component
+from d4k_jax.io import load_component
 from d4k_jax.models import flux as flux_lib
 
 CASES = {

@@ -9,12 +9,12 @@ from flax import traverse_util
 from helpers import save_component
 from torch_flux import TINY, make_flux
 
-from conversion import flux as flux_map
-from conversion import load_component
-from conversion.components import _flux_inputs, param_shapes
-from conversion.rules import to_flax, to_torch
-from conversion.safetensors_io import save_file
+from d4k_jax.io import load_component
+from d4k_jax.io.components import _flux_inputs
+from d4k_jax.io.safetensors_io import save_file
+from d4k_jax.models import flux_keys as flux_map
 from d4k_jax.models.flux import Flux, FluxConfig
+from d4k_jax.models.keymap import param_shapes, to_flax, to_torch
 
 FLUX_DEV = FluxConfig()  # FLUX.1-dev: 19 + 38 blocks, 24 heads x 128, guidance embedding
 

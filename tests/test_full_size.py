@@ -9,9 +9,8 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from conversion import vae as vae_map
-from conversion.components import param_shapes
-from conversion.rules import to_flax
+from d4k_jax.models import vae_keys as vae_map
+from d4k_jax.models.keymap import param_shapes, to_flax
 from d4k_jax.models.vae import FLUX_VAE, SD3_VAE
 from d4k_jax.models.vae import AutoencoderKL as FlaxVAE
 
@@ -73,8 +72,8 @@ def test_real_flux_matches_diffusers_tensor_list(guidance):
     from diffusers import FluxTransformer2DModel
     from helpers import assert_maps_onto
 
-    from conversion import flux as flux_map
-    from conversion.components import _flux_inputs
+    from d4k_jax.io.components import _flux_inputs
+    from d4k_jax.models import flux_keys as flux_map
     from d4k_jax.models.flux import Flux, FluxConfig
 
     with torch.device("meta"):

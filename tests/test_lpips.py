@@ -9,12 +9,14 @@ import torchvision_shim
 from conftest import LAYER_TOL, MODEL_TOL, rel_err
 from helpers import nchw, nhwc
 
-from conversion.lpips import load_params, to_params, to_state_dicts
-from conversion.rules import ConversionError
-from conversion.safetensors_io import save_file
+from conversion import pickled
+from d4k_jax.io.metric_nets import load_lpips
+from d4k_jax.io.safetensors_io import save_file
 from d4k_jax.metrics.lpips import LPIPSMetric
 from d4k_jax.metrics.weights import MissingWeights
+from d4k_jax.models.keymap import ConversionError
 from d4k_jax.models.lpips import Backbone
+from d4k_jax.models.lpips_keys import to_params, to_state_dicts
 
 lpips = torchvision_shim.import_lpips()
 
@@ -55,7 +57,8 @@ def case(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(net)
     torch.save({k: torch.from_numpy(v) for k, v in backbone.items()}, folder / "backbone.pth")
     save_file(heads, folder / "heads.safetensors")  # the torch-free reader
-    return net, model, LPIPSMetric.from_files(folder / "backbone.pth", folder / "heads.safetensors", net)
+    backbone_file = pickled.to_safetensors(folder / "backbone.pth")  # as users convert torchvision's file once
+    return net, model, LPIPSMetric.from_files(backbone_file, folder / "heads.safetensors", net)
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
@@ -118,5 +121,5 @@ def test_missing_weights_name_the_file_and_flag(tmp_path):
         LPIPSMetric.from_files(tmp_path, "", "vgg")
     with pytest.raises(ValueError, match="squeeze"):
         LPIPSMetric.from_files(tmp_path, tmp_path, "squeeze")
-    with pytest.raises(ValueError, match=r"\.safetensors or \.pth"):
-        load_params(tmp_path / "x.npz", tmp_path / "y.npz", "vgg")
+    with pytest.raises(ValueError, match=r"\.safetensors file \(or a \.pth"):
+        load_lpips(tmp_path / "x.npz", tmp_path / "y.npz", "vgg")

@@ -8,7 +8,7 @@ from conftest import MODEL_TOL, rel_err
 from helpers import assert_sharded_forward_matches, save_component
 from torch_sd3 import TINY, make_sd3, sd3_forward
 
-from conversion import load_component
+from d4k_jax.io import load_component
 
 CASES = {
     # name: (config overrides, latent shape NHWC, text length)

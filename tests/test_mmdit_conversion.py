@@ -9,11 +9,11 @@ from flax import traverse_util
 from helpers import assert_maps_onto, save_component
 from torch_sd3 import make_sd3
 
-from conversion import load_component
-from conversion import sd3 as sd3_map
-from conversion.components import _mmdit_inputs, param_shapes
-from conversion.rules import to_torch
-from conversion.safetensors_io import save_file
+from d4k_jax.io import load_component
+from d4k_jax.io.components import _mmdit_inputs
+from d4k_jax.io.safetensors_io import save_file
+from d4k_jax.models import mmdit_keys as sd3_map
+from d4k_jax.models.keymap import param_shapes, to_torch
 from d4k_jax.models.mmdit import MMDiT, MMDiTConfig
 
 SD3_MEDIUM = dict(
@@ -99,8 +99,8 @@ def test_sai_file_with_text_encoders(tmp_path):
     prefixes): each component loads from it exactly as from its own folder."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    from conversion.safetensors_io import TensorSource
-    from conversion.single_file import SAI_TEXT_ENCODERS
+    from d4k_jax.io.safetensors_io import TensorSource
+    from d4k_jax.io.single_file import SAI_TEXT_ENCODERS
 
     torch.manual_seed(0)
     clip = lambda width, act: CLIPTextModelWithProjection(

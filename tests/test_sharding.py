@@ -8,8 +8,8 @@ from conftest import rel_err
 from helpers import save_component
 from torch_vae import make_vae
 
-from conversion import load_component
 from d4k_jax import sharding
+from d4k_jax.io import load_component
 
 SPATIAL = ("batch", "height", "width", "channels")
 

@@ -14,10 +14,10 @@ from transformers import T5Config, T5EncoderModel
 from transformers.models.t5.modeling_t5 import T5Attention
 
 from conversion import ConversionError, export_component, load_component, load_config
-from conversion.safetensors_io import TensorSource
-from conversion.t5 import config_from_transformers
 from d4k_jax import sharding
+from d4k_jax.io.safetensors_io import TensorSource
 from d4k_jax.models.t5 import relative_position_buckets
+from d4k_jax.models.t5_keys import config_from_transformers
 
 WEIGHTS = "model.safetensors"
 VOCAB = 64

@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-from conversion.components import kind_for, param_shapes
-from conversion.rules import to_flax
+from d4k_jax.io.components import kind_for
 from d4k_jax.models.clip import CLIP_G, CLIP_L
+from d4k_jax.models.keymap import param_shapes, to_flax
 from d4k_jax.models.t5 import T5_XXL
 
 # The stacked rules np.stack every layer's tensor; elements of zero bytes keep T5-XXL's 19 GB of them free.

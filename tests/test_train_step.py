@@ -17,9 +17,9 @@ from torch_flux import make_flux
 from torch_sd3 import make_sd3
 
 from conversion import load_component
-from conversion.components import kind_of_module
-from conversion.rules import to_torch
 from d4k_jax import train_step as ts
+from d4k_jax.io.components import kind_of_module
+from d4k_jax.models.keymap import to_torch
 
 
 def _reference_loss(velocity, x0, eps, sigma):

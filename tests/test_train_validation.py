@@ -8,10 +8,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-import conversion
 from configs import flux_wlf, sd3_wlf
 from d4k_jax import train, train_config
 from d4k_jax.data import aesthetic4k
+from d4k_jax.io import load as io_load
 
 
 def _bad(c, workdir, devices=1) -> str:
@@ -111,7 +111,7 @@ def test_train_checks_before_loading_or_writing_anything(tmp_path, monkeypatch):
     def no_loading(*args, **kwargs):
         raise AssertionError("weights were read before the config was checked")
 
-    monkeypatch.setattr(conversion, "load_component", no_loading)
+    monkeypatch.setattr(io_load, "load_with_config", no_loading)
     monkeypatch.setattr(aesthetic4k, "build", no_loading)
     c = flux_wlf.get_config("tiny")
     c.eval.height = 4100  # a bad eval size used to fail at the first evaluation, after the training steps

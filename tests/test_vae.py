@@ -9,7 +9,7 @@ from conftest import MODEL_TOL, rel_err
 from helpers import nchw, nhwc, save_component
 from torch_vae import f16_decode, f16_encode, make_vae
 
-from conversion import load_component
+from d4k_jax.io import load_component
 from d4k_jax.models import vae as vae_lib
 
 CONFIGS = {

@@ -31,8 +31,8 @@ from absl import app, flags
 from transformers import AutoTokenizer, CLIPTextConfig, T5Config
 
 from conversion import export_component, load_component
-from conversion.components import kind_for
 from d4k_jax.data.demo import COLORS, SHAPES, demo_examples
+from d4k_jax.io.components import kind_for
 from d4k_jax.models.vae import AutoencoderKL
 from tools.demo_vae import (
     DIFFUSERS_VERSION,

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from d4k_jax.io.clip_model import load_clip
+from d4k_jax.io.metric_nets import load_aesthetic_head
 from d4k_jax.metrics import weights
 from d4k_jax.metrics.clip_score import Images, Preprocess, batched, require_clip_folder
 from d4k_jax.models.clip_vision import CLIPVisionModel
@@ -60,11 +62,8 @@ class Aesthetics:
         )
         what = "a CLIP ViT-L/14 folder (transformers CLIPModel: config.json, model.safetensors)"
         folder = require_clip_folder(clip, what, "--aesthetic_clip")
-        from conversion.aesthetic import load_head  # torch only for a .pth head
-        from conversion.clip_vision import load_clip
-
         parts = load_clip(folder, text=False, dtype=dtype)
-        layers = [(jnp.asarray(k), jnp.asarray(b)) for k, b in load_head(head_file)]
+        layers = [(jnp.asarray(k), jnp.asarray(b)) for k, b in load_aesthetic_head(head_file)]
         if parts.vision_module.config.projection_dim != layers[0][0].shape[0]:
             raise ValueError(
                 f"{folder}: image embeddings of width {parts.vision_module.config.projection_dim}, the aesthetic head "

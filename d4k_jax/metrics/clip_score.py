@@ -14,7 +14,7 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,10 +22,8 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from d4k_jax.io.clip_model import CLIPParts, load_clip
 from d4k_jax.metrics import weights
-
-if TYPE_CHECKING:
-    from conversion.clip_vision import CLIPParts
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -141,8 +139,6 @@ class CLIPScore:
         """A transformers CLIPModel folder (openai/clip-vit-base-patch16); MissingWeights if it is not there."""
         what = "a CLIP ViT-B/16 folder (transformers CLIPModel: config.json, model.safetensors, tokenizer)"
         folder = require_clip_folder(path, what, "--clip")
-        from conversion.clip_vision import load_clip  # torch-free
-
         parts = load_clip(folder, dtype=dtype)
         return cls(parts, Preprocess.from_folder(folder, parts.vision_module.config.image_size), batch_size)
 

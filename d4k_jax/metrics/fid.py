@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from d4k_jax.io.metric_nets import load_inception
 from d4k_jax.metrics import weights
 from d4k_jax.models.inception import FEATURES, INPUT_SIZE, InceptionV3, resize_bilinear_tf1
 
@@ -41,7 +42,6 @@ class InceptionFeatures:
     def from_file(cls, path: str | os.PathLike | None, *, dtype: Any = jnp.float32) -> InceptionFeatures:
         """Load torch-fidelity's .pth (needs torch) or its safetensors export; MissingWeights if unset or absent."""
         file = weights.require(path, WEIGHTS_NAME, WEIGHTS_FLAG)
-        from conversion.inception import load_inception  # torch only for .pth files
 
         return cls(*load_inception(file, dtype=dtype))
 

@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from d4k_jax.io.metric_nets import load_lpips
 from d4k_jax.metrics import weights
 from d4k_jax.models.lpips import LPIPS, NETS
 
@@ -43,9 +44,8 @@ class LPIPSMetric:
             raise ValueError(f"LPIPS net must be one of {sorted(NETS)}, got {net!r}")
         b = weights.require(backbone, f"LPIPS backbone (torchvision {BACKBONE_FILES[net]})", "--lpips_backbone")
         h = weights.require(heads, f"LPIPS heads (lpips/weights/v0.1/{net}.pth)", "--lpips_heads")
-        from conversion.lpips import load_params  # torch only for .pth files
 
-        return cls(load_params(b, h, net), net, dtype)
+        return cls(load_lpips(b, h, net), net, dtype)
 
     def _apply(self, params: Any, a: jax.Array, b: jax.Array) -> jax.Array:
         x0, x1 = (x.astype(jnp.float32) / 127.5 - 1.0 for x in (a, b))  # lpips.im2tensor

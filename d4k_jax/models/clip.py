@@ -2,7 +2,7 @@
 
 SD3 encodes prompts with CLIP-L and OpenCLIP bigG (both with projection), Flux with CLIP-L (pooled only).
 Pre-LN transformer with causal self-attention; the pooled output is the final hidden state at the EOS
-token; `text_projection` maps it to `text_embeds`. `conversion/clip.py` holds the key map.
+token; `text_projection` maps it to `text_embeds`. `clip_keys.py` holds the key map.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Non-overlapping patches -> class token + patch tokens + learned positions -> pre_layrnorm -> the text
 encoder's pre-LN layers (`d4k_jax.models.clip.EncoderLayer`, without a mask) -> post_layernorm of the class
 token -> `visual_projection`. The CLIPScore and LAION aesthetics metrics read `image_embeds`.
-`conversion/clip_vision.py` holds the key map.
+`clip_vision_keys.py` holds the key map.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The FID Inception-v3: torch-fidelity's `FeatureExtractorInceptionV3` (TF "2015-12-05" graph) in Flax.
 
 NHWC throughout. Module names follow torch-fidelity's module tree (`Mixed_6b/branch7x7_2/conv`), so the
-key map in `conversion/inception.py` is a naming rule. BatchNorm is applied in inference mode
+key map in `inception_keys.py` is a naming rule. BatchNorm is applied in inference mode
 (eps 0.001) with its running statistics in the `batch_stats` collection, so `params` holds exactly the
 tensors torch counts as parameters. The TF graph's quirks are kept: its average pools ignore padding
 (count_include_pad=False) and the last block (Mixed_7c) max-pools where torchvision average-pools.

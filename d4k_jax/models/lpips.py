@@ -5,7 +5,7 @@ ReLU outputs of an ImageNet backbone (torchvision VGG16 or AlexNet `features`) o
 inputs, n() is lpips' `normalize_tensor` (unit length over channels) and w_l the learned 1x1 heads
 (NetLinLayer: no bias; its dropout is off at evaluation). NHWC throughout.
 
-Parameter names follow torchvision's indices, so the key map in `conversion/lpips.py` is a naming rule:
+Parameter names follow torchvision's indices, so the key map in `lpips_keys.py` is a naming rule:
 `features.{i}.weight` <-> features/conv{i}/kernel, `lin{l}.model.1.weight` <-> lin{l}/kernel.
 """
 

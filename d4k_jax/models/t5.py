@@ -5,7 +5,7 @@ computed once from layer 0's table and shared by every layer. Under half-precisi
 output projection `wo` and the residual stream stay float32: transformers keeps `wo` in float32 for fp16
 (`_keep_in_fp32_modules`; T5-XXL's FFN outputs overflow fp16), which makes its residual stream float32;
 here bf16 gets the same, so bf16 outputs are closer to float32 than transformers' own bf16 ones.
-`conversion/t5.py` holds the key map.
+`t5_keys.py` holds the key map.
 """
 
 from __future__ import annotations

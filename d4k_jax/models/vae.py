@@ -1,7 +1,7 @@
 """The 16-channel AutoencoderKL of SD3 / FLUX.1, and its F16 variant from Diffusion-4K.
 
 NHWC throughout. Parameter names follow diffusers' module tree (`down_blocks_0/resnets_1/conv1`), so the
-key map in `conversion/vae.py` is a naming rule, not a table.
+key map in `vae_keys.py` is a naming rule, not a table.
 
 F16 (`stride=2`, REFERENCE.md §1): the encoder's conv_in runs with stride 2 on the same weights, and the
 decoder ends GroupNorm -> SiLU -> nearest 2x -> conv_out, computed by `Conv2d(upsample=True)` without

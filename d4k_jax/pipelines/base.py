@@ -9,13 +9,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from d4k_jax.io import load_component
 from d4k_jax.models.vae import AutoencoderKL
 
 
 def load(path: Path, name: str, dtype: Any, **overrides):
     """(module, params) of one pipeline component folder (diffusers or converted)."""
-    from conversion import load_component  # torch-free
-
     folder = path / name
     if not folder.is_dir():
         raise FileNotFoundError(f"{path}: no {name}/ component folder (a diffusers pipeline or converted directory)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from conversion.rules import Rule, copy, dense, split_linear, stacked, structural_rules, swap_halves
+from d4k_jax.models.keymap import Rule, copy, dense, split_linear, stacked, structural_rules, swap_halves
 from d4k_jax.models.mmdit import MMDiTConfig
 
 CLASS_NAMES = ("SD3Transformer2DModel",)

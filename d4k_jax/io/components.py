@@ -1,4 +1,4 @@
-"""Which model each diffusers / transformers class name is, and how to build and map it."""
+"""The component registry: which model each diffusers / transformers class name is, how to build and map it."""
 
 from __future__ import annotations
 
@@ -7,23 +7,19 @@ from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
-from flax import traverse_util
 
-from conversion import clip as clip_map
-from conversion import flux as flux_map
-from conversion import sd3 as sd3_map
-from conversion import t5 as t5_map
-from conversion import vae as vae_map
-from conversion.rules import Rule
+from d4k_jax.models import clip_keys as clip_map
+from d4k_jax.models import flux_keys as flux_map
+from d4k_jax.models import mmdit_keys as sd3_map
+from d4k_jax.models import t5_keys as t5_map
+from d4k_jax.models import vae_keys as vae_map
 from d4k_jax.models.clip import CLIPTextModel
 from d4k_jax.models.flux import Flux, FluxConfig
+from d4k_jax.models.keymap import Rule, Shapes
 from d4k_jax.models.mmdit import MMDiT, MMDiTConfig
 from d4k_jax.models.t5 import T5EncoderModel
 from d4k_jax.models.vae import AutoencoderKL, VAEConfig
-
-Shapes = dict[tuple[str, ...], tuple[int, ...]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +130,7 @@ def kind_of_module(module: nn.Module) -> Kind:
     for kind in KINDS:
         if isinstance(module, kind.module_type):
             return kind
-    raise ValueError(f"no conversion kind builds {type(module).__name__}")
+    raise ValueError(f"no registered component kind builds {type(module).__name__}")
 
 
 def class_name(cfg: Mapping[str, Any]) -> str | None:
@@ -151,13 +147,6 @@ def kind_for(cfg: Mapping[str, Any], where: str = "config.json") -> Kind:
             return kind
     known = sorted(n for k in KINDS for n in k.class_names)
     raise ValueError(f"{where}: model class {name!r} is not supported; supported classes: {known}")
-
-
-def param_shapes(module: nn.Module, inputs: tuple) -> Shapes:
-    """{path: shape} of every parameter, from `jax.eval_shape` (no memory used)."""
-    abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs))
-    params = nn.unbox(abstract["params"])
-    return {p: tuple(a.shape) for p, a in traverse_util.flatten_dict(params).items()}
 
 
 class _Reads(dict):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from conversion.rules import Rule, structural_rules
+from d4k_jax.models.keymap import Rule, structural_rules
 from d4k_jax.models.vae import VAEConfig
 
 CLASS_NAMES = ("AutoencoderKL",)

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from conversion.rules import Rule, copy, dense, split_linear, stacked, structural_rules, swap_halves
 from d4k_jax.models.flux import FluxConfig
+from d4k_jax.models.keymap import Rule, copy, dense, split_linear, stacked, structural_rules, swap_halves
 
 CLASS_NAMES = ("FluxTransformer2DModel",)
 _LAYERS = {name: (name, 0, True) for name in ("transformer_blocks", "single_transformer_blocks")}

@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from conversion import flux as flux_map
-from conversion import sd3 as sd3_map
-from conversion.rules import Rule
+from d4k_jax.models import flux_keys as flux_map
+from d4k_jax.models import mmdit_keys as sd3_map
+from d4k_jax.models.keymap import Rule
 
 RulesFor = Callable[[Any, dict], list[Rule]]
 

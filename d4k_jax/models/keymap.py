@@ -1,4 +1,7 @@
-"""Strict conversion between torch state dicts and Flax parameter trees.
+"""Key maps: strict conversion between torch state dicts and Flax parameter trees.
+
+Each model's names in the diffusers / transformers / BFL / SAI layouts are declared beside it
+(`models/*_keys.py`) as lists of the rules below; `d4k_jax.io` loads with them, `conversion` exports with them.
 
 A model's key map is a list of `Rule`s: each consumes some torch tensors and fills some Flax leaves.
 `to_flax` uses every source tensor exactly once and fills every parameter, or raises one
@@ -12,10 +15,21 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import flax.linen as nn
+import jax
 import numpy as np
+from flax import traverse_util
 
 Path = tuple[str, ...]
 Arrays = tuple[np.ndarray, ...]
+Shapes = dict[Path, tuple[int, ...]]
+
+
+def param_shapes(module: nn.Module, inputs: tuple) -> Shapes:
+    """{path: shape} of every parameter, from `jax.eval_shape` (no memory used)."""
+    abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs))
+    params = nn.unbox(abstract["params"])
+    return {p: tuple(a.shape) for p, a in traverse_util.flatten_dict(params).items()}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,7 @@ missing, unexpected and mis-shaped keys.
 from __future__ import annotations
 
 import os
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -18,16 +18,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from conversion import clip as clip_map
-from conversion.components import param_shapes
-from conversion.load import load_config, open_weights
-from conversion.rules import Rule, conv, copy, linear, stacked, to_flax
+from d4k_jax.io.load import load_config, open_weights
+from d4k_jax.models import clip_keys as clip_map
 from d4k_jax.models.clip import CLIPTextModel
-from d4k_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionModel
+from d4k_jax.models.clip_vision import CLIPVisionModel
+from d4k_jax.models.clip_vision_keys import vision_config_from_transformers, vision_rules
+from d4k_jax.models.keymap import Rule, copy, param_shapes, to_flax
 from d4k_jax.pipelines.tokenizer import Tokenizer
 
 _TEXT_KEYS = ("text_model.", "text_projection.")
-_NORM = (("weight", "scale"), ("bias", "bias"))  # torch LayerNorm -> d4k_jax.nn.LayerNorm
 
 
 class CLIPParts(NamedTuple):
@@ -37,45 +36,6 @@ class CLIPParts(NamedTuple):
     vision_params: dict
     tokenizer: Tokenizer | None
     logit_scale: float  # exp of the checkpoint's `logit_scale`: CLIP's logits are logit_scale * cos
-
-
-def vision_config_from_transformers(cfg: Mapping[str, Any], projection_dim: int | None) -> CLIPVisionConfig:
-    """CLIPVisionConfig from a `vision_config` dict; missing keys take transformers' defaults (ViT-B/32)."""
-    if cfg.get("hidden_act", "quick_gelu") not in clip_map.ACTIVATIONS:
-        raise ValueError(f"unsupported CLIP vision hidden_act {cfg['hidden_act']!r}")
-    return CLIPVisionConfig(
-        hidden_size=cfg.get("hidden_size", 768),
-        intermediate_size=cfg.get("intermediate_size", 3072),
-        num_hidden_layers=cfg.get("num_hidden_layers", 12),
-        num_attention_heads=cfg.get("num_attention_heads", 12),
-        image_size=cfg.get("image_size", 224),
-        patch_size=cfg.get("patch_size", 32),
-        num_channels=cfg.get("num_channels", 3),
-        hidden_act=cfg.get("hidden_act", "quick_gelu"),
-        layer_norm_eps=cfg.get("layer_norm_eps", 1e-5),
-        projection_dim=projection_dim,
-    )
-
-
-def vision_rules(config: CLIPVisionConfig, keys: Collection[str] = ()) -> list[Rule]:
-    """The key map of a CLIPModel's `vision_model.*` and `visual_projection` (old files: + position_ids)."""
-    p = "vision_model."
-    rules = [
-        conv(f"{p}embeddings.patch_embedding.weight", ("patch_embedding",)),  # (D, C, p, p) -> (p, p, C, D)
-        copy(f"{p}embeddings.class_embedding", ("class_embedding",)),
-        copy(f"{p}embeddings.position_embedding.weight", ("position_embedding",)),
-        *(copy(f"{p}{n}.{t}", (n, leaf)) for n in ("pre_layrnorm", "post_layernorm") for t, leaf in _NORM),
-        *(
-            stacked([rule(f"{p}encoder.layers.{i}.{name}", ("layers", *path)) for i in range(config.num_hidden_layers)])
-            for name, path, rule in clip_map.LAYER
-        ),
-    ]
-    if config.projection_dim is not None:
-        rules.append(linear("visual_projection.weight", ("visual_projection", "kernel")))
-    if f"{p}embeddings.position_ids" in keys:  # a buffer (arange) the model computes itself: read and dropped
-        arange = np.arange(config.num_patches + 1)[None]
-        rules.append(Rule((f"{p}embeddings.position_ids",), (), lambda ids: (), lambda: (arange,)))
-    return rules
 
 
 def load_clip(

@@ -3,12 +3,12 @@
 LPIPS needs two files: the ImageNet backbone as torchvision ships it (`vgg16-397923af.pth`,
 `alexnet-owt-7be5be79.pth`: keys `features.{i}.weight/bias` and `classifier.*`) and the learned heads the
 lpips pip package ships (`lpips/weights/v0.1/{vgg,alex}.pth`: keys `lin{k}.model.1.weight`, (1, C, 1, 1)).
-Either may also be a .safetensors file with the same keys, which is read without torch.
+`d4k_jax.io.metric_nets.load_lpips` reads both as safetensors files with the same keys
+(`python -m conversion.pickled FILE.pth` converts the published .pth files once).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 
 import jax
@@ -16,9 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from conversion.components import param_shapes
-from conversion.load import read_state_dict
-from conversion.rules import Rule, conv, copy, to_flax, to_torch
+from d4k_jax.models.keymap import Rule, conv, copy, param_shapes, to_flax, to_torch
 from d4k_jax.models.lpips import LPIPS, conv_indices, tap_count
 
 # The backbone file's ImageNet classifier: LPIPS never uses it, so its keys are read past, not "unexpected".
@@ -67,16 +65,6 @@ def to_params(
     expected = {p: s for p, s in shapes.items() if p[0] != "features"}
     flat |= to_flax(heads, head_rules(net), expected, what=what[1] or f"lpips v0.1 {net} heads")
     return traverse_util.unflatten_dict({p: jnp.asarray(a, jnp.float32) for p, a in flat.items()})
-
-
-def load_params(backbone: str | os.PathLike, heads: str | os.PathLike, net: str = "vgg") -> dict:
-    """The Flax params of `LPIPS(net)` from a torchvision backbone file and an lpips heads file."""
-    return to_params(
-        read_state_dict(backbone, "the LPIPS backbone"),
-        read_state_dict(heads, "the LPIPS heads"),
-        net,
-        what=(str(backbone), str(heads)),
-    )
 
 
 def to_state_dicts(params: Mapping, net: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from conversion.rules import Rule, copy, linear, stacked
+from d4k_jax.models.keymap import Rule, copy, linear, stacked
 from d4k_jax.models.t5 import ACTIVATIONS, T5Config
 
 CLASS_NAMES = ("T5EncoderModel",)

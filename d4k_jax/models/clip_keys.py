@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from conversion.rules import Rule, copy, linear, stacked
 from d4k_jax.models.clip import ACTIVATIONS, CLIPTextConfig
+from d4k_jax.models.keymap import Rule, copy, linear, stacked
 
 CLASS_NAMES = ("CLIPTextModel", "CLIPTextModelWithProjection")
 _OURS = ("remat",)  # keys d4k_jax reads beyond transformers' config
