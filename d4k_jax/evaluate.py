@@ -22,11 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 from tqdm import tqdm
 
-from d4k_jax import cli, files
+from d4k_jax import cli, files, reconstruct, sharding
+from d4k_jax.io import load_component
 from d4k_jax.metrics import images as image_sets
 from d4k_jax.metrics import suite
 from d4k_jax.metrics.compression import QUALITY
@@ -198,11 +200,6 @@ def evaluate(
 
 
 def _vae_roundtrip(path: str, stride: int, dtype: str, sample_posterior: bool):
-    import jax.numpy as jnp
-
-    from d4k_jax import reconstruct, sharding
-    from d4k_jax.io import load_component
-
     module, params = load_component(path, dtype=jnp.dtype(dtype), stride=stride)
     mesh = sharding.make_mesh({"data": 1, "sequence": -1})
     return reconstruct.roundtrip_fn(module, mesh, sample_posterior), params

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from d4k_jax import cli, files, sharding
 from d4k_jax.data.demo import demo_examples
 from d4k_jax.io import load_component, load_config
+from d4k_jax.metrics import recon
 from d4k_jax.metrics.images import IMAGE_SUFFIXES, center_crop
 from d4k_jax.models import vae as vae_lib
 from d4k_jax.models.vae_keys import config_from_diffusers
@@ -108,11 +109,6 @@ def output_path(out_dir: Path, name: str) -> Path:
     return out_dir / rel.parent / f"recon_{rel.name}.png"
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
-
-
 def roundtrip_fn(module: vae_lib.AutoencoderKL, mesh, sample_posterior: bool):
     """(params, uint8 images [B, S, S, 3], key) -> uint8 reconstructions: encode, the posterior mean (or a
     sample), decode, in the module's dtype, every activation's rows sharded over `mesh`'s devices."""
@@ -143,10 +139,11 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
     key = jax.random.key(c.seed)
     for start in tqdm(range(0, len(images), c.batch_size), desc="reconstruct", unit="batch"):
         batch = images[start : start + c.batch_size]
-        y = fn(params, np.stack([img for _, img in batch]), jax.random.fold_in(key, start))
-        for (name, img), rec in zip(batch, y, strict=True):
+        x = np.stack([img for _, img in batch])
+        y = fn(params, x, jax.random.fold_in(key, start))
+        for (name, img), rec, score in zip(batch, y, np.asarray(recon.psnr(x, y)), strict=True):
             _save(np.concatenate([img, rec], axis=1), output_path(out_dir, name))
-            scores[name] = psnr(img, rec)
+            scores[name] = float(score)
     report = {
         "psnr": scores,
         "mean_psnr": float(np.mean(list(scores.values()))),

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from d4k_jax.metrics import recon
 from d4k_jax.models.vae import AutoencoderKL, VAEConfig, sample_posterior
-from d4k_jax.reconstruct import psnr as image_psnr
 
 SIZE = 64  # demo image size; the pipeline samples at this size
 DIFFUSERS_VERSION = "0.42.1"
@@ -79,7 +79,7 @@ def reconstruct(vae: AutoencoderKL, params: Any, images: np.ndarray, batch: int 
 
 def psnr(originals: np.ndarray, recons: np.ndarray) -> float:
     """Mean per-image PSNR (dB) of uint8 images."""
-    return float(np.mean([image_psnr(a, b) for a, b in zip(originals, recons, strict=True)]))
+    return float(np.mean(recon.psnr(np.stack(originals), np.stack(recons))))
 
 
 def latent_stats(vae: AutoencoderKL, params: Any, images: np.ndarray, batch: int = 64) -> tuple[float, float]:

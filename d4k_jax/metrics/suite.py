@@ -13,7 +13,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from d4k_jax.metrics import compression, glcm, recon
+from d4k_jax.metrics.aesthetic import Aesthetics
+from d4k_jax.metrics.clip_score import CLIPScore
 from d4k_jax.metrics.fid import FeatureStats, InceptionFeatures, fid
+from d4k_jax.metrics.lpips import LPIPSMetric
 from d4k_jax.metrics.weights import MissingWeights
 
 GENERATION = ("glcm", "cr", "fid", "clip", "aesthetics")
@@ -48,9 +51,9 @@ class Metrics:
         loaders = {
             "fid": lambda: InceptionFeatures.from_file(weights.fid),
             "rfid": lambda: InceptionFeatures.from_file(weights.fid),
-            "clip": lambda: _clip_score().from_pretrained(weights.clip),
-            "aesthetics": lambda: _aesthetics().from_files(weights.aesthetic_head, weights.aesthetic_clip),
-            "lpips": lambda: _lpips().from_files(weights.lpips_backbone, weights.lpips_heads, net=weights.lpips_net),
+            "clip": lambda: CLIPScore.from_pretrained(weights.clip),
+            "aesthetics": lambda: Aesthetics.from_files(weights.aesthetic_head, weights.aesthetic_clip),
+            "lpips": lambda: LPIPSMetric.from_files(weights.lpips_backbone, weights.lpips_heads, net=weights.lpips_net),
         }
         for name in self.names:
             if name in loaders:
@@ -121,22 +124,3 @@ class Metrics:
                 v = self.values[name]
                 out[name] = {"value": float(np.mean(v)), "count": len(v)} if v else {"not_computed": "no images"}
         return out
-
-
-# the network metrics import transformers-side code; loaded only when asked for
-def _clip_score():
-    from d4k_jax.metrics.clip_score import CLIPScore
-
-    return CLIPScore
-
-
-def _aesthetics():
-    from d4k_jax.metrics.aesthetic import Aesthetics
-
-    return Aesthetics
-
-
-def _lpips():
-    from d4k_jax.metrics.lpips import LPIPSMetric
-
-    return LPIPSMetric
