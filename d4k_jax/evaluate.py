@@ -132,6 +132,17 @@ def check_out(path: str | os.PathLike) -> Path:
     return out
 
 
+def _check_request(metrics: list[str], batch_size: int) -> None:
+    wrong = []
+    unknown = sorted(set(metrics) - set(suite.GENERATION) - set(suite.RECONSTRUCTION))
+    if unknown:
+        wrong.append(f"unknown metrics {unknown} (known: {', '.join(suite.GENERATION + suite.RECONSTRUCTION)})")
+    if batch_size < 1:
+        wrong.append(f"--batch_size={batch_size} (expected 1 or more)")
+    if wrong:
+        raise ValueError("; ".join(wrong))
+
+
 def evaluate(
     images: str,
     metrics: list[str],
@@ -150,14 +161,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Runs the metrics over `images` (streamed); returns the report written by the CLI."""
     t0 = time.perf_counter()
-    wrong = []
-    unknown = sorted(set(metrics) - set(suite.GENERATION) - set(suite.RECONSTRUCTION))
-    if unknown:
-        wrong.append(f"unknown metrics {unknown} (known: {', '.join(suite.GENERATION + suite.RECONSTRUCTION)})")
-    if batch_size < 1:
-        wrong.append(f"--batch_size={batch_size} (expected 1 or more)")
-    if wrong:
-        raise ValueError("; ".join(wrong))
+    _check_request(metrics, batch_size)
     items = image_sets.list_images(images, limit)
     # without --size: the generated images' own size, every real image is cropped to it
     size, mixed = set_size(items, size)
@@ -183,18 +187,16 @@ def evaluate(
             seen += len(batch.images)
     if not seen:
         raise ValueError(f"none of the {len(items)} images of {images} can be read (the first: {items[0].path})")
+    protocol = {m: PROTOCOL[m] for m in metrics}
+    if vae:
+        protocol["vae"] = f"{vae}, stride {stride}, {vae_dtype}, posterior {'sample' if sample_posterior else 'mean'}"
     return {
         "images": str(images),
         "count": seen,
         "skipped_unreadable": len(items) - seen,
         "size": size,
         "metrics": acc.result(),
-        "protocol": {m: PROTOCOL[m] for m in metrics}
-        | (
-            {"vae": f"{vae}, stride {stride}, {vae_dtype}, posterior {'sample' if sample_posterior else 'mean'}"}
-            if vae
-            else {}
-        ),
+        "protocol": protocol,
         "seconds": round(time.perf_counter() - t0, 1),
     }
 

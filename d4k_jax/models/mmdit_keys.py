@@ -89,6 +89,7 @@ _QK_NORMS = (
 )
 
 
+# A declaration (one entry per SAI tensor family), read top to bottom against the SAI layout: kept whole.
 def sai_rules(config: MMDiTConfig, shapes: Mapping[tuple[str, ...], tuple[int, ...]]) -> list[Rule]:
     d, p = config.dim, SAI_PREFIX
     qk = config.qk_norm is not None
