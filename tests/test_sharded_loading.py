@@ -143,6 +143,11 @@ def test_a_sharding_pytree_or_one_sharding_is_accepted(folder, unsharded):
         np.testing.assert_array_equal(np.asarray(leaf), np.asarray(unsharded[path]))
     with pytest.raises(ValueError, match=r"no sharding for \['context_embedder/bias'"):
         load_component(folder, sharding={k: v for k, v in tree.items() if k != "context_embedder"})
+    rows = NamedSharding(sharding.make_mesh({"fsdp": 8}), PartitionSpec("fsdp"))  # layers (2, 3), widths 12, 24
+    with pytest.raises(
+        ValueError, match=r"do not divide evenly(?s:.*)time_text_embed/text_embedder/linear_1/kernel \(12, 32\)"
+    ):
+        load_component(folder, sharding=rows)
 
 
 def _module_and_inputs():

@@ -31,7 +31,7 @@ from jax.sharding import Mesh, Sharding
 from d4k_jax import sharding as shardings_lib
 from d4k_jax.io.safetensors_io import Index, TensorSource
 from d4k_jax.io.single_file import Prefixed
-from d4k_jax.models.keymap import Path, Rule, Shapes
+from d4k_jax.models.keymap import Path, Rule, Shapes, shapes_of
 
 Placement = Sharding | tuple[Mesh, shardings_lib.Rules] | Mapping[str, Any]
 Reader = Callable[[Index], np.ndarray]
@@ -42,7 +42,7 @@ def resolve(placement: Placement, abstract: Any) -> dict[Path, Sharding]:
     `keymap.abstract_params`, whose logical axis names a `(mesh, rules)` placement maps)."""
     paths = list(traverse_util.flatten_dict(abstract))  # boxed leaves are not dicts: they flatten whole
     if isinstance(placement, Sharding):
-        return dict.fromkeys(paths, placement)
+        placement = traverse_util.unflatten_dict(dict.fromkeys(paths, placement))
     if isinstance(placement, tuple) and len(placement) == 2 and isinstance(placement[0], Mesh):
         mesh, rules = placement
         placement = shardings_lib.params_sharding(mesh, rules, {"params": abstract})["params"]
@@ -60,7 +60,25 @@ def resolve(placement: Placement, abstract: Any) -> dict[Path, Sharding]:
             f"sharding does not match the params: no sharding for {name(missing)}, no such parameter "
             f"{name(extra)}, not a jax.sharding.Sharding at {name(wrong)} (first 10 of each)"
         )
+    uneven = [
+        f"{'/'.join(p)} {shape}: {getattr(flat[p], 'spec', flat[p])}"
+        for p, shape in shapes_of(abstract).items()
+        if not _fits(flat[p], shape)
+    ]
+    if uneven:
+        raise ValueError(
+            f"these parameters do not divide evenly over their shards ({len(uneven)}; choose a mesh or rules that "
+            f"divide them):\n  " + "\n  ".join(uneven)
+        )
     return flat
+
+
+def _fits(sharding: Sharding, shape: tuple[int, ...]) -> bool:
+    try:
+        sharding.shard_shape(shape)
+    except ValueError:  # jax's IndivisibleError
+        return False
+    return True
 
 
 def place(
