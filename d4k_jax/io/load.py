@@ -17,10 +17,11 @@ import numpy as np
 from flax import traverse_util
 
 from d4k_jax import checkpoint
-from d4k_jax.io import single_file
+from d4k_jax.io import placement, single_file
 from d4k_jax.io.components import kind_for, override_problem
+from d4k_jax.io.placement import Placement
 from d4k_jax.io.safetensors_io import TensorSource
-from d4k_jax.models.keymap import ConversionError, Shapes, param_shapes, to_flax
+from d4k_jax.models.keymap import ConversionError, Shapes, abstract_params, check, shapes_of, to_flax
 
 PARAMS_DIR = "params"  # the orbax checkpoint inside a converted component folder
 
@@ -41,6 +42,7 @@ def load_component(
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
     component: str = "transformer",
+    sharding: Placement | None = None,
     **overrides: Any,
 ) -> tuple[nn.Module, dict]:
     """Build the model a component folder describes and load its weights, strictly.
@@ -51,8 +53,17 @@ def load_component(
     `overrides` update the config (`stride=2` gives the F16 VAE). `dtype` is the compute dtype,
     `param_dtype` the storage dtype. `component` picks a model inside a single file that holds several
     (SAI SD3 files: "transformer", "text_encoder", "text_encoder_2", "text_encoder_3").
+
+    `sharding` places each parameter on its shards as it is read, so that no device holds the whole model:
+    `(mesh, rules)` shards every parameter by its logical axis names (`(mesh, sharding.DEFAULT_RULES)`: FSDP),
+    or a pytree of `jax.sharding.Sharding` like the params, or one `Sharding` for all (see `io.placement`).
+    Each process reads only the slices its own devices hold, so every process must make the same call. The
+    checkpoint is checked against the model (keys, shapes) before any tensor is read. Without it the params
+    are single-device arrays on the default device.
     """
-    _, module, params = load_with_config(path, dtype=dtype, param_dtype=param_dtype, component=component, **overrides)
+    _, module, params = load_with_config(
+        path, dtype=dtype, param_dtype=param_dtype, component=component, sharding=sharding, **overrides
+    )
     return module, params
 
 
@@ -63,6 +74,7 @@ def load_with_config(
     param_dtype: Any = jnp.float32,
     component: str = "transformer",
     weights: Mapping[str, np.ndarray] | None = None,
+    sharding: Placement | None = None,
     **overrides: Any,
 ) -> tuple[dict[str, Any], nn.Module, dict]:
     """`load_component` that also returns the config dict the model was built from. `weights` (name -> array)
@@ -81,13 +93,20 @@ def load_with_config(
         raise ValueError(problem)
     model_cfg = kind.config_from(cfg)
     module = kind.build(model_cfg, dtype=dtype, param_dtype=param_dtype)
-    shapes = param_shapes(module, kind.init_inputs(model_cfg))
+    abstract = abstract_params(module, kind.init_inputs(model_cfg))
+    shapes = shapes_of(abstract)
+    where = placement.resolve(sharding, abstract) if sharding is not None else dict.fromkeys(shapes)
     if source is None and weights is None and (path / PARAMS_DIR).is_dir():
         check_stored_shapes(path / PARAMS_DIR, shapes)
-        target = {p: jax.ShapeDtypeStruct(s, param_dtype) for p, s in shapes.items()}
+        # orbax reads onto the shards; by default onto one device, whatever devices the params were saved from
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = {p: jax.ShapeDtypeStruct(s, param_dtype, sharding=where[p] or one) for p, s in shapes.items()}
         return cfg, module, checkpoint.restore_params(path / PARAMS_DIR, _nest(target))
     source = source if source is not None else (weights if weights is not None else open_weights(path))
     rules = rules_for(model_cfg, shapes) if rules_for else kind.checkpoint_rules(model_cfg, shapes, frozenset(source))
+    if sharding is not None:
+        check(source, rules, shapes, str(path))
+        return cfg, module, _nest(placement.place(source, rules, shapes, where, param_dtype))
     flat = to_flax(source, rules, shapes, what=str(path))
     return cfg, module, _nest({p: jnp.asarray(a, dtype=param_dtype) for p, a in flat.items()})
 

@@ -1,4 +1,5 @@
-"""Read and write safetensors without torch: lazy, memory-mapped, every dtype (bf16 and fp8 too)."""
+"""Read and write safetensors without torch: the safetensors library (numpy framework) behind our own
+header validation, lazy, slice by slice, every dtype (bf16 and fp8 too)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+import safetensors
+import safetensors.numpy
+from safetensors import safe_open
 
 DTYPES = {
     "F64": np.dtype(np.float64),
@@ -26,17 +30,23 @@ DTYPES = {
     "BOOL": np.dtype(np.bool_),
 }
 _NAMES = {v: k for k, v in DTYPES.items()}
+# safetensors 0.8's numpy framework gives BF16 as ml_dtypes.bfloat16, but fails on fp8 (it asks numpy itself for
+# `np.float8_e4m3fn`, which only ml_dtypes has): those are read from a memory map of the file instead.
+_MEMMAPPED = frozenset({"F8_E4M3", "F8_E5M2"})
+
+Index = tuple[slice, ...]
 
 
 class TensorSource(Mapping):
     """A read-only name -> array mapping over one or several safetensors files.
 
-    Only headers are read up front; `source[name]` copies one tensor out of a memory map.
+    Only headers are read up front (and validated: `read_header`); `source[name]` reads one tensor,
+    `source.read(name, index)` only the part of it `index` selects (`safe_open(...).get_slice`).
     """
 
     def __init__(self, files: list[Path]):
         self._where: dict[str, tuple[Path, dict, int]] = {}
-        self._maps: dict[Path, np.memmap] = {}
+        self._open: dict[Path, safe_open] = {}
         for f in files:
             header, start = read_header(f)
             for name, info in header.items():
@@ -46,15 +56,37 @@ class TensorSource(Mapping):
         self.files = files
 
     def __getitem__(self, name: str) -> np.ndarray:
+        return self.read(name)
+
+    def read(self, name: str, index: Index | None = None) -> np.ndarray:
+        """Tensor `name`, or only `tensor[index]` (one slice per axis), read from its file."""
         f, info, start = self._where[name]
-        if f not in self._maps:
-            self._maps[f] = np.memmap(f, dtype=np.uint8, mode="r")
-        begin, end = info["data_offsets"]
-        raw = self._maps[f][start + begin : start + end]
-        return np.frombuffer(raw.tobytes(), DTYPES[info["dtype"]]).reshape(info["shape"])
+        if info["dtype"] in _MEMMAPPED:
+            begin, end = info["data_offsets"]
+            dtype, shape = DTYPES[info["dtype"]], tuple(info["shape"])
+            raw = np.memmap(f, np.uint8, "r", start + begin, (end - begin,)) if end > begin else np.zeros(0, np.uint8)
+            whole = raw.view(dtype).reshape(shape)
+            return np.array(whole if index is None else whole[index])
+        handle = self._handle(f)
+        if index is None or not info["shape"]:
+            return handle.get_tensor(name)
+        if 0 in info["shape"]:  # the library refuses to slice an empty tensor
+            return handle.get_tensor(name)[index]
+        return handle.get_slice(name)[index]
+
+    def _handle(self, f: Path):
+        if f not in self._open:
+            try:
+                self._open[f] = safe_open(f, framework="numpy")
+            except safetensors.SafetensorError as e:  # what our header checks let through (e.g. gaps in the data)
+                raise SafetensorsError(f"{f}: the safetensors library cannot read it: {e}") from None
+        return self._open[f]
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._where[name][1]["shape"])
+
+    def dtype(self, name: str) -> np.dtype:
+        return DTYPES[self._where[name][1]["dtype"]]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
@@ -151,25 +183,12 @@ def _ints(value: object, length: int) -> bool:
 
 
 def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike, metadata: dict | None = None) -> None:
-    """Write tensors (names sorted, header padded to 8 bytes, as the safetensors library does)."""
-    header: dict = {"__metadata__": metadata} if metadata else {}
-    offset = 0
+    """Write tensors with `safetensors.numpy.save_file` (it lays them out by alignment, then name, as
+    `safetensors.torch` does), after checking every dtype has a safetensors name (the error names the tensor)."""
     arrays = {}
-    for name in sorted(tensors):
-        a = np.ascontiguousarray(tensors[name])
+    for name, a in tensors.items():
+        a = np.asarray(a, order="C")  # the library reads raw memory from its data pointer (ascontiguousarray: 0-d->1-d)
         if a.dtype not in _NAMES:
             raise ValueError(f"cannot write {name!r}: dtype {a.dtype} has no safetensors name")
-        header[name] = {
-            "dtype": _NAMES[a.dtype],
-            "shape": list(a.shape),
-            "data_offsets": [offset, offset + a.nbytes],
-        }
         arrays[name] = a
-        offset += a.nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as fh:
-        fh.write(struct.pack("<Q", len(blob)))
-        fh.write(blob)
-        for a in arrays.values():
-            fh.write(a.tobytes())
+    safetensors.numpy.save_file(arrays, path, metadata=metadata)

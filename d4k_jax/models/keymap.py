@@ -27,9 +27,18 @@ Shapes = dict[Path, tuple[int, ...]]
 
 def param_shapes(module: nn.Module, inputs: tuple) -> Shapes:
     """{path: shape} of every parameter, from `jax.eval_shape` (no memory used)."""
-    abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs))
-    params = nn.unbox(abstract["params"])
-    return {p: tuple(a.shape) for p, a in traverse_util.flatten_dict(params).items()}
+    return shapes_of(abstract_params(module, inputs))
+
+
+def abstract_params(module: nn.Module, inputs: tuple) -> Any:
+    """The params tree of `module.init(key, *inputs)` as `jax.ShapeDtypeStruct`s still boxed with their
+    logical axis names (`sharding.params_sharding` reads them), from `jax.eval_shape` (no memory used)."""
+    return jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs))["params"]
+
+
+def shapes_of(abstract: Any) -> Shapes:
+    """{path: shape} of a (boxed) abstract params tree."""
+    return {p: tuple(a.shape) for p, a in traverse_util.flatten_dict(nn.unbox(abstract)).items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +47,17 @@ class Rule:
     dst: tuple[Path, ...]  # Flax leaves written
     fwd: Callable[..., Arrays]  # torch arrays -> Flax arrays
     inv: Callable[..., Arrays]  # Flax arrays -> torch arrays
+    # What sharded loading may read by the slice: `perm` says fwd(x) is `(x.transpose(perm),)` of the one source
+    # x when x.ndim == len(perm), `()` that it is x itself at any rank, None that fwd is no axis permutation;
+    # `layers` are the per-layer rules of a `stacked` rule.
+    perm: tuple[int, ...] | None = None
+    layers: tuple[Rule, ...] = ()
+
+    def permutation(self, ndim: int) -> tuple[int, ...] | None:
+        """The axis permutation fwd applies to a source of rank `ndim`, or None (computed whole)."""
+        if self.perm == ():
+            return tuple(range(ndim))
+        return self.perm if self.perm is not None and len(self.perm) == ndim else None
 
 
 class ConversionError(ValueError):
@@ -64,17 +84,19 @@ class ConversionError(ValueError):
 
 
 def copy(src: str, dst: Path) -> Rule:
-    return Rule((src,), (dst,), lambda x: (x,), lambda x: (x,))
+    return Rule((src,), (dst,), lambda x: (x,), lambda x: (x,), perm=())
 
 
 def linear(src: str, dst: Path) -> Rule:
     """torch Linear weight (out, in) <-> Flax kernel (in, out)."""
-    return Rule((src,), (dst,), lambda w: (_squeeze_1x1(w).T,), lambda k: (k.T,))
+    return Rule((src,), (dst,), lambda w: (_squeeze_1x1(w).T,), lambda k: (k.T,), perm=(1, 0))  # 2-D only
 
 
 def conv(src: str, dst: Path) -> Rule:
     """torch Conv2d weight (O, I, kh, kw) <-> Flax kernel (kh, kw, I, O)."""
-    return Rule((src,), (dst,), lambda w: (w.transpose(2, 3, 1, 0),), lambda k: (k.transpose(3, 2, 0, 1),))
+    return Rule(
+        (src,), (dst,), lambda w: (w.transpose(2, 3, 1, 0),), lambda k: (k.transpose(3, 2, 0, 1),), perm=(2, 3, 1, 0)
+    )
 
 
 def stacked(rules: list[Rule]) -> Rule:
@@ -95,7 +117,7 @@ def stacked(rules: list[Rule]) -> Rule:
     def inv(*arrays):
         return tuple(a for layer, r in enumerate(rules) for a in r.inv(*(x[layer] for x in arrays)))
 
-    return Rule(tuple(k for r in rules for k in r.src), dst, fwd, inv)
+    return Rule(tuple(k for r in rules for k in r.src), dst, fwd, inv, layers=tuple(rules))
 
 
 def split_linear(src: str, dsts: list[tuple[str, ...]], sizes: list[int]) -> list[Rule]:
@@ -195,7 +217,22 @@ def to_flax(
     expected: Mapping[Path, tuple[int, ...]],
     what: str = "checkpoint",
 ) -> dict[Path, np.ndarray]:
-    """Apply `rules` to `source`; strict about every key and shape. Returns {flax path: array}."""
+    """Apply `rules` to `source`; strict about every key and shape (`check`, before anything is read).
+    Returns {flax path: array}."""
+    rules = list(rules)
+    check(source, rules, expected, what)
+    out = {}
+    for rule in rules:
+        out.update(zip(rule.dst, rule.fwd(*(source[k] for k in rule.src)), strict=True))
+    return out
+
+
+def check(
+    source: Mapping[str, Any], rules: Iterable[Rule], expected: Mapping[Path, tuple[int, ...]], what: str
+) -> None:
+    """Every source key is used exactly once, every parameter filled, every shape right, or one
+    ConversionError lists what is not (a second one the mis-shaped keys, once the keys are right).
+    Works on shapes alone (`source.shape(key)` where the source has it, as a safetensors header does)."""
     rules = list(rules)
     used = [k for r in rules for k in r.src]
     filled = [p for r in rules for p in r.dst]
@@ -206,18 +243,55 @@ def to_flax(
     unfilled = sorted("/".join(p) for p in set(expected) - set(filled))
     if missing or unexpected or unfilled:
         raise ConversionError(what, missing, unexpected, unfilled=unfilled)
-    out, misshaped = {}, []
-    for rule in rules:
-        arrays = rule.fwd(*(source[k] for k in rule.src))
-        for path, a in zip(rule.dst, arrays, strict=True):
-            want = expected.get(path)
-            if want is None:
-                misshaped.append(f"{'/'.join(path)}: no such parameter in the model")
-            elif tuple(a.shape) != tuple(want):
-                misshaped.append(f"{', '.join(rule.src)}: {tuple(a.shape)} -> {tuple(want)} ({'/'.join(path)})")
-            out[path] = a
+    shape = source.shape if callable(getattr(source, "shape", None)) else lambda k: np.shape(source[k])
+    misshaped = [m for r in rules for m in _misshaped(r, [tuple(shape(k)) for k in r.src], expected)]
     if misshaped:
         raise ConversionError(what, misshaped=misshaped)
+
+
+class _LayersDiffer(ValueError):
+    pass
+
+
+def output_shapes(rule: Rule, shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """The shapes `rule.fwd` gives for sources of these `shapes`, without reading any: from the permutation or
+    the layers where the rule has them, else by running fwd on zero-stride stand-ins (free for views;
+    a concatenating rule allocates its output once, in fp32)."""
+    if rule.layers:
+        per_layer, i = [], 0
+        for layer in rule.layers:
+            per_layer.append(output_shapes(layer, shapes[i : i + len(layer.src)]))
+            i += len(layer.src)
+        if any(s != per_layer[0] for s in per_layer):
+            raise _LayersDiffer
+        return [(len(rule.layers), *s) for s in per_layer[0]]
+    perm = rule.permutation(len(shapes[0])) if len(shapes) == 1 else None
+    if perm is not None:
+        return [tuple(shapes[0][a] for a in perm)]
+    stand_ins = (np.broadcast_to(np.zeros((), np.float32), s) for s in shapes)
+    return [tuple(a.shape) for a in rule.fwd(*stand_ins)]
+
+
+def _misshaped(rule: Rule, shapes: list[tuple[int, ...]], expected: Mapping[Path, tuple[int, ...]]) -> list[str]:
+    keys = ", ".join(rule.src)
+    try:
+        got = output_shapes(rule, shapes)
+    except _LayersDiffer:  # name the layers that differ from the parameter's shape less its layer axis
+        out, i = [], 0
+        per_layer = {p: tuple(expected[p])[1:] for p in rule.dst if p in expected}
+        for n, layer in enumerate(rule.layers):
+            out += [f"{m} (layer {n})" for m in _misshaped(layer, shapes[i : i + len(layer.src)], per_layer)]
+            i += len(layer.src)
+        return out
+    except (ValueError, IndexError) as e:  # e.g. halves of an odd number of rows, a 1x1 conv of rank 2
+        return [f"{keys}: {', '.join(map(str, shapes))} cannot be converted ({e})"]
+    out = []
+    for path, shape in zip(rule.dst, got, strict=True):
+        want = expected.get(path)
+        if want is None:
+            out.append(f"{'/'.join(path)}: no such parameter in the model")
+        elif shape != tuple(want):
+            out.append(f"{keys}: {shape} -> {tuple(want)} ({'/'.join(path)})")
     return out
 
 
