@@ -3,8 +3,8 @@
 `Trainer(model, params, tx, loss_cfg, mesh, ...)` owns the step; `fit(batches, workdir, num_steps)` runs it
 from the latest checkpoint in `workdir/checkpoints` (or from step 0). Each checkpoint holds the train state
 (params, optimizer state, step) and, when the batch iterator has `get_state` / `set_state` (a JSON-able
-dict: d4k_jax.data.input_pipeline's loader, `ArrayBatches`), the iterator's state per process, so a
-resumed run sees the same data. The run's randomness is fold_in(key(seed), step): the seed in the config
+dict: d4k_jax.data.input_pipeline's loader, tests/array_batches.py), the iterator's state per process, so
+a resumed run sees the same data. The run's randomness is fold_in(key(seed), step): the seed in the config
 is the whole RNG state.
 
 Batches are dicts of `image` [B, H, W, 3] (encoded by the frozen `vae` inside the step) or `x0` latents,
@@ -27,14 +27,13 @@ import flax.linen as nn
 import grain
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 from tqdm import tqdm
 
-from d4k_jax import flops, sharding
+from d4k_jax import flops, sharding, train_state
 from d4k_jax import train_step as ts
 from d4k_jax.metric_writers import MetricWriter
 
@@ -68,58 +67,32 @@ class Trainer:
         trainable: Any = None,
     ):
         """`trainable`: the mask of trained parameters (see train_step.train_step; default
-        train_step.trainable_mask); give `tx` the same one (train_step.optimizer(trainable=...))."""
-        if nan_policy not in ("stop", "skip"):
-            raise ValueError(f"nan_policy must be 'stop' or 'skip', got {nan_policy!r}")
+        train_step.trainable_mask); give `tx` the same one (train_step.optimizer(trainable=...)).
+        The state and the step are train_state's, which the memory benchmarks lower too."""
         self.model, self.tx, self.cfg, self.mesh, self.rules = model, tx, loss_cfg, mesh, rules
         self.key, self.nan_policy, self.lr_schedule = jax.random.key(seed), nan_policy, lr_schedule
         self.peak_flops = peak_flops or flops.peak_flops(mesh.devices.flat[0])
         self._model_flops: float | None = None
-        abstract = jax.eval_shape(model.init, jax.random.key(0), *init_inputs)
-        self.param_sharding = sharding.params_sharding(mesh, rules, abstract)["params"]
-        self.data_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-        replicated = NamedSharding(mesh, PartitionSpec())
-        # a copy: the step donates the state, and the caller's arrays must stay valid
-        params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=self.param_sharding)(params)
-        # moments sharded like the parameters they follow, everything else (step counts) replicated
-        # (frozen parameters hold optax.MaskedNode placeholders in the masked optimizer's state)
-        masked = lambda x: isinstance(x, optax.MaskedNode)
-        opt_shardings = optax.tree_map_params(
+        abstract = train_state.abstract_train_state(model, init_inputs, tx, mesh, rules)
+        self.state_sharding = train_state.shardings_of(abstract)
+        self.param_sharding = self.state_sharding.params
+        self.data_sharding = train_state.data_sharding(mesh)
+        self._step = train_state.make_train_step(
+            model,
             tx,
-            lambda x, s: x if masked(x) else s,
-            jax.eval_shape(tx.init, params),
-            self.param_sharding,
-            transform_non_params=lambda _: replicated,
-            is_leaf=masked,
-        )
-        opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-        step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
-        self.state = ts.TrainState(step, params, opt_state)
-        self.state_sharding = jax.tree.map(lambda x: x.sharding, self.state)
-        self.vae, self.vae_params = (vae[0], jax.device_put(vae[1], replicated)) if vae else (None, None)
-        self._options = dict(
-            vae=self.vae,
+            loss_cfg,
+            mesh,
+            rules,
+            self.state_sharding,
+            vae=vae[0] if vae else None,
             microbatches=microbatches,
             encode_passes=encode_passes,
             trainable=trainable,
-            param_sharding=self.param_sharding,
+            nan_policy=nan_policy,
         )
-        self._step = jax.jit(
-            self._train_step,
-            in_shardings=(self.state_sharding, self.data_sharding, replicated, replicated),
-            out_shardings=(self.state_sharding, replicated),
-            donate_argnums=0,
-        )
-
-    def _train_step(self, state, batch, key, vae_params):
-        with nn.logical_axis_rules(self.rules):
-            new, metrics = ts.train_step(
-                state, batch, key, vae_params, model=self.model, tx=self.tx, cfg=self.cfg, **self._options
-            )
-        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
-        if self.nan_policy == "skip":  # keep the old parameters and optimizer state, count the step
-            new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state.replace(step=state.step + 1))
-        return new, {**metrics, "finite": finite}
+        self.state = train_state.init_train_state(params, tx, abstract)
+        replicated = train_state.replicated(mesh)
+        self.vae, self.vae_params = (vae[0], jax.device_put(vae[1], replicated)) if vae else (None, None)
 
     def fit(
         self,
@@ -144,59 +117,47 @@ class Trainer:
         """
         workdir = Path(workdir).absolute()
         workdir.mkdir(parents=True, exist_ok=True)
-        stateful = hasattr(batches, "get_state") and hasattr(batches, "set_state")
-        handlers = {"state": ocp.StandardCheckpointHandler()}
-        if stateful:
-            handlers["data"] = grain.checkpoint.CheckpointHandler()  # one JSON file per process
-        options = ocp.CheckpointManagerOptions(save_interval_steps=checkpoint_every, max_to_keep=keep)
+        data = batches if hasattr(batches, "get_state") and hasattr(batches, "set_state") else None
         logged = []
-        with (
-            ocp.CheckpointManager(
-                workdir / "checkpoints", options=options, item_handlers=handlers, metadata=metadata
-            ) as manager,
-            _Preemption() as preempted,
-        ):
+        with _checkpoints(workdir, checkpoint_every, keep, data, metadata) as manager, _Preemption() as preempted:
             if manager.latest_step() is not None:
-                self.restore(manager, manager.latest_step(), batches if stateful else None)
+                self.restore(manager, manager.latest_step(), data)
             start = int(self.state.step)
             with (
                 MetricWriter(workdir, resume_step=start) as writer,
                 _progress_bar(start, num_steps, progress) as bar,
                 jax.set_mesh(self.mesh),
             ):
-                for step in range(start, num_steps):
+                for step in range(start + 1, num_steps + 1):  # the number of the step being taken
                     t0 = time.perf_counter()
-                    batch = next(batches)
-                    batch = prepare(batch) if prepare else batch
-                    size = len(next(iter(batch.values()))) * jax.process_count()
-                    ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-                    if size % ways:
-                        raise ValueError(f"global batch {size} must divide over {ways} data x fsdp devices")
-                    batch = _global_batch(batch, self.data_sharding)
+                    batch, size = self._next_batch(batches, prepare)
                     self.state, metrics = self._step(self.state, batch, self.key, self.vae_params)
                     metrics = jax.device_get(metrics)
                     if not metrics["finite"]:
-                        self._non_finite(step + 1, metrics, manager.latest_step())
+                        self._non_finite(step, metrics, manager.latest_step())
                     seconds = time.perf_counter() - t0
-                    row = {}
-                    for hook in hooks:
-                        row.update(hook(step + 1, self.state, writer) or {})
-                    if (step + 1) % log_every == 0 or step + 1 == num_steps or row:
-                        row = {**self._row(step + 1, metrics, seconds, size, batch), **row}
-                        writer.write(row)
-                        logged.append(row)
-                        bar.set_postfix({"loss": f"{row['loss']:.4g}", "img/s": f"{row['images_per_s']:.3g}"}, False)
+                    extra = _run_hooks(hooks, step, self.state, writer)
+                    if step % log_every == 0 or step == num_steps or extra:
+                        row = {**self._row(step, metrics, seconds, size, batch), **extra}
+                        logged.append(_write_row(row, writer, bar))
                     bar.update()
-                    last = step + 1 == num_steps or preempted.is_set()
-                    items = {"state": ocp.args.StandardSave(self.state)}
-                    if stateful:
-                        items["data"] = grain.checkpoint.CheckpointSave(_JsonState(batches))
-                    manager.save(step + 1, args=ocp.args.Composite(**items), force=last)
+                    last = step == num_steps or preempted.is_set()
+                    manager.save(step, args=_checkpoint_items(self.state, data), force=last)
                     if preempted.is_set():
-                        logging.warning("SIGTERM: saved the checkpoint of step %d; rerun to resume", step + 1)
+                        logging.warning("SIGTERM: saved the checkpoint of step %d; rerun to resume", step)
                         break
             manager.wait_until_finished()
         return logged
+
+    def _next_batch(self, batches: Iterator[dict], prepare: Callable[[dict], dict] | None) -> tuple[dict, int]:
+        """(the next global batch sharded over data x fsdp, its global size)."""
+        batch = next(batches)
+        batch = prepare(batch) if prepare else batch
+        size = len(next(iter(batch.values()))) * jax.process_count()
+        ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        if size % ways:
+            raise ValueError(f"global batch {size} must divide over {ways} data x fsdp devices")
+        return _global_batch(batch, self.data_sharding), size
 
     def _non_finite(self, step: int, metrics: dict, kept: int | None) -> None:
         """nan_policy 'stop': raise NonFiniteLoss with the step, the values and what to do; 'skip': warn."""
@@ -259,6 +220,39 @@ class Trainer:
         logging.info("resumed from step %d", int(self.state.step))
 
 
+def _checkpoints(workdir: Path, every: int, keep: int, data: Any, metadata: dict | None) -> ocp.CheckpointManager:
+    """The manager of workdir/checkpoints: item "state" (the TrainState, orbax's standard handler) and, for an
+    iterator with get_state / set_state (`data`), item "data" (grain's handler: one JSON file per process)."""
+    handlers = {"state": ocp.StandardCheckpointHandler()}
+    if data is not None:
+        handlers["data"] = grain.checkpoint.CheckpointHandler()
+    options = ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep)
+    return ocp.CheckpointManager(workdir / "checkpoints", options=options, item_handlers=handlers, metadata=metadata)
+
+
+def _checkpoint_items(state: ts.TrainState, data: Any) -> ocp.args.Composite:
+    """What `_checkpoints`' manager saves: the state and, when there is one, the iterator's state."""
+    items = {"state": ocp.args.StandardSave(state)}
+    if data is not None:
+        items["data"] = grain.checkpoint.CheckpointSave(_JsonState(data))
+    return ocp.args.Composite(**items)
+
+
+def _run_hooks(hooks: Sequence[Hook], step: int, state: ts.TrainState, writer: MetricWriter) -> dict:
+    """The metrics the hooks return for this step, merged in order (empty: nothing to add to the row)."""
+    extra = {}
+    for hook in hooks:
+        extra.update(hook(step, state, writer) or {})
+    return extra
+
+
+def _write_row(row: dict, writer: MetricWriter, bar: tqdm) -> dict:
+    """Log `row` to the metric writers and the progress bar's postfix; returns it."""
+    writer.write(row)
+    bar.set_postfix({"loss": f"{row['loss']:.4g}", "img/s": f"{row['images_per_s']:.3g}"}, False)
+    return row
+
+
 def _progress_bar(start: int, num_steps: int, enabled: bool) -> tqdm:
     """tqdm over the steps from `start` (a resumed run's bar starts there, and its time left counts only the
     steps this run takes), on process 0; sparser updates when stderr is a log file rather than a terminal."""
@@ -276,12 +270,8 @@ def _progress_bar(start: int, num_steps: int, enabled: bool) -> tqdm:
 
 
 def _global_batch(batch: dict, data_sharding: NamedSharding) -> dict:
-    """Each process's rows -> one global array per key, sharded over data x fsdp."""
-    if jax.process_count() == 1:
-        return jax.device_put(batch, data_sharding)
-    from jax.experimental import multihost_utils
-
-    return multihost_utils.host_local_array_to_global_array(batch, data_sharding.mesh, data_sharding.spec)
+    """Each process's rows -> one global array per key, sharded over data x fsdp (one process: a device_put)."""
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(data_sharding, x), batch)
 
 
 class _JsonState:
@@ -314,31 +304,3 @@ class _Preemption:
     def __exit__(self, *exc) -> None:
         if self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)
-
-
-class ArrayBatches:
-    """Batches of a fixed in-memory dataset, shuffled per epoch from one seed: batch i is a function of
-    (seed, i) alone. Its state (the batch counter) is checkpointed with the train state."""
-
-    def __init__(self, data: dict[str, np.ndarray], batch_size: int, seed: int = 0):
-        self.data, self.batch_size, self.seed, self.i = data, batch_size, seed, 0
-        self.n = len(next(iter(data.values())))
-        if self.n < batch_size:
-            raise ValueError(f"{self.n} examples cannot fill a batch of {batch_size}")
-
-    def get_state(self) -> dict:
-        return {"batch": self.i, "seed": self.seed}
-
-    def set_state(self, state: dict) -> None:
-        self.i = state["batch"]
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        per_epoch = self.n // self.batch_size
-        epoch, j = divmod(self.i, per_epoch)
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-        idx = order[j * self.batch_size : (j + 1) * self.batch_size]
-        self.i += 1
-        return {k: v[idx] for k, v in self.data.items()}

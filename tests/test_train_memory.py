@@ -1,15 +1,19 @@
 """The full train step (images encoded by the frozen VAE inside it, AdamW, remat) lowers and compiles
 FSDP-sharded from abstract shapes alone, with a memory analysis: what `tools.bench train_memory` does at
-full size (figures in BENCHMARKS.md), here on a tiny Flux and VAE over the fake CPU devices. The
-microbatch gradient accumulator is pinned to the parameters' shardings."""
+full size (figures in BENCHMARKS.md), here on a tiny Flux and VAE over the fake CPU devices, with the
+Trainer's own state and step (d4k_jax.train_state). The microbatch gradient accumulator is pinned to the
+parameters' shardings; the abstract state is the one the Trainer allocates."""
 
 import collections
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
 
-from d4k_jax import sharding
+from d4k_jax import sharding, train_state
 from d4k_jax import train_step as ts
 from d4k_jax.models.flux import Flux, FluxConfig
 from d4k_jax.models.vae import AutoencoderKL, VAEConfig
@@ -82,25 +86,21 @@ def test_the_microbatch_gradient_accumulator_is_held_on_the_param_shardings():
     hold a whole fp32 copy of the gradients on every device). Checked on the step's jaxpr, without compiling."""
     module = _flux()
     mesh = make_mesh({"data": 1, "fsdp": 8})
-    boxed = jax.eval_shape(module.init, jax.random.key(0), *_SMALL)
-    shardings = sharding.params_sharding(mesh, sharding.DEFAULT_RULES, boxed)["params"]
-    params = nn.unbox(boxed)["params"]
     tx = ts.optimizer()
-    state = ts.TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, jax.eval_shape(tx.init, params))
+    state = train_state.abstract_train_state(module, _SMALL, tx, mesh)
+    shardings = train_state.shardings_of(state.params)
+    params = state.params
     sds = jax.ShapeDtypeStruct
     batch = {
         "x0": sds((16, 4, 4, 4), jnp.float32),
         "text": sds((16, 5, 24), jnp.float32),
         "pooled": sds((16, 12), jnp.float32),
     }
-
-    def step(state, batch, key):
-        with nn.logical_axis_rules(sharding.DEFAULT_RULES):
-            return ts.train_step(
-                state, batch, key, model=module, tx=tx, cfg=ts.LossConfig(), microbatches=2, param_sharding=shardings
-            )
-
-    jaxpr = jax.make_jaxpr(step)(state, batch, jax.eval_shape(jax.random.key, 0)).jaxpr
+    step = train_state.make_train_step(
+        module, tx, ts.LossConfig(), mesh, sharding.DEFAULT_RULES, train_state.shardings_of(state), microbatches=2
+    )
+    with jax.set_mesh(mesh):  # the Trainer's own step, traced as it is lowered
+        jaxpr = step.trace(state, batch, jax.eval_shape(jax.random.key, 0), None).jaxpr.jaxpr
     constrained = lambda eqns: collections.Counter(
         (e.invars[0].aval.shape, e.invars[0].aval.dtype, e.params["sharding"])
         for e in eqns
@@ -112,3 +112,40 @@ def test_the_microbatch_gradient_accumulator_is_held_on_the_param_shardings():
     assert any(s.spec != jax.sharding.PartitionSpec() for _, _, s in want)  # really FSDP-sharded
     assert constrained(scan.params["jaxpr"].jaxpr.eqns) == want  # the carry after each microbatch
     assert constrained(jaxpr.eqns) >= want  # the zeros it starts from
+
+
+def test_the_abstract_state_is_the_state_the_trainer_allocates():
+    """Same structure, shapes, dtypes and shardings, a masked optimizer's MaskedNode slots included; the
+    caller's params are copied (the step donates the state)."""
+    module = _flux()
+    mesh = make_mesh({"data": 2, "fsdp": 4})
+    params = jax.jit(lambda k: nn.unbox(module.init(k, *_SMALL))["params"])(jax.random.key(0))
+    trainable = jax.tree.map(lambda _: True, params)
+    trainable["x_embedder"]["bias"] = False
+    tx = ts.optimizer(trainable=trainable)
+    abstract = train_state.abstract_train_state(module, _SMALL, tx, mesh)
+    state = train_state.init_train_state(params, tx, abstract)
+    describe = lambda t: jax.tree.map(lambda x: (x.shape, x.dtype, x.sharding), t)
+    assert describe(state) == describe(abstract)
+    assert jax.tree.structure(state.opt_state) == jax.tree.structure(tx.init(params))
+    assert any(isinstance(x, optax.MaskedNode) for x in jax.tree.leaves(state.opt_state, is_leaf=_is_masked))
+    assert state.params["x_embedder"]["kernel"] is not params["x_embedder"]["kernel"]
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), jax.device_get(params))
+    assert int(state.step) == 0
+
+
+def test_params_that_do_not_fit_the_model_are_named():
+    module = _flux()
+    mesh = make_mesh({"fsdp": 8})
+    abstract = train_state.abstract_train_state(module, _SMALL, ts.optimizer(), mesh)
+    params = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract.params)
+    params["x_embedder"]["kernel"] = np.zeros((3, 3), np.float32)
+    del params["x_embedder"]["bias"]
+    with pytest.raises(
+        ValueError, match=r"(?s)\['x_embedder'\]\['bias'\]: given nothing.*\['kernel'\]: given \(3, 3\)"
+    ):
+        train_state.init_train_state(params, ts.optimizer(), abstract)
+
+
+def _is_masked(x) -> bool:
+    return isinstance(x, optax.MaskedNode)

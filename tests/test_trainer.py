@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from array_batches import ArrayBatches
 from helpers import save_component
 from torch_flux import make_flux
 
@@ -15,7 +16,7 @@ from d4k_jax import sharding
 from d4k_jax import train_step as ts
 from d4k_jax.io.components import kind_of_module
 from d4k_jax.metric_writers import drop_rows_after
-from d4k_jax.trainer import ArrayBatches, NonFiniteLoss, Trainer
+from d4k_jax.trainer import NonFiniteLoss, Trainer
 
 
 @pytest.fixture(scope="module")

@@ -312,76 +312,35 @@ def tiny_train_step(args) -> None:
 def train_step_lowered(
     module, small, tx, cfg, mesh, batch: dict, *, vae=None, vae_small=None, encode_passes=1, microbatches=1
 ):
-    """The whole jitted train step lowered as the Trainer runs it, from abstract shapes (nothing allocated).
+    """The Trainer's jitted train step (d4k_jax.train_state: the same state shardings, in/out shardings,
+    donation and "finite" metric) lowered from abstract shapes, nothing allocated.
 
-    Parameters are sharded by the logical rules (sharding.DEFAULT_RULES), the optimizer moments like the
-    parameters they follow, step counts and the key replicated, every batch leaf over ("data", "fsdp");
-    the state is donated and comes back with the shardings it came in with. `small` are inputs that
-    `module.init` accepts; `batch` maps "image" (or "x0"), "text" and "pooled" to global ShapeDtypeStructs.
-    A frozen `vae` (initialised from `vae_small`) encodes images inside the step in `encode_passes` passes.
-    Returns (lowered, abstract state); the state's leaves carry their shardings.
+    `small` are inputs that `module.init` accepts; `batch` maps "image" (or "x0"), "text" and "pooled" to
+    global ShapeDtypeStructs. A frozen `vae` (its parameter shapes from `vae.init(key, *vae_small)`,
+    replicated as the Trainer places them) encodes images inside the step in `encode_passes` passes. Rules:
+    sharding.DEFAULT_RULES; nan_policy 'stop'. Returns (lowered, abstract state); the state's leaves carry
+    their shardings.
     """
     import flax.linen as nn
     import jax
-    import jax.numpy as jnp
-    import optax
-    from jax.sharding import NamedSharding, PartitionSpec
 
-    from d4k_jax import sharding
-    from d4k_jax import train_step as ts
+    from d4k_jax import sharding, train_state
 
     rules = sharding.DEFAULT_RULES
-    sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def abstract_params(m, inputs):
-        boxed = jax.eval_shape(m.init, jax.random.key(0), *inputs)
-        shardings = sharding.params_sharding(mesh, rules, boxed)["params"]
-        return jax.tree.map(sds, nn.unbox(boxed)["params"], shardings), shardings
-
-    params, param_sharding = abstract_params(module, small)
-    opt_abstract = jax.eval_shape(tx.init, params)
-    masked = lambda x: isinstance(x, optax.MaskedNode)  # frozen params' empty moments, as the Trainer does
-    opt_sharding = optax.tree_map_params(
+    state = train_state.abstract_train_state(module, small, tx, mesh, rules)
+    step = train_state.make_train_step(
+        module,
         tx,
-        lambda v, s: v if masked(v) else s,
-        opt_abstract,
-        param_sharding,
-        transform_non_params=lambda _: replicated,
-        is_leaf=masked,
+        cfg,
+        mesh,
+        rules,
+        train_state.shardings_of(state),
+        vae=vae,
+        microbatches=microbatches,
+        encode_passes=encode_passes,
     )
-    state = ts.TrainState(
-        jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
-        params,
-        jax.tree.map(sds, opt_abstract, opt_sharding),
-    )
-    state_sharding = jax.tree.map(lambda x: x.sharding, state)
-    data = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-    batch = {k: sds(v, data) for k, v in batch.items()}
-    key = sds(jax.eval_shape(jax.random.key, 0), replicated)
-    vae_params = abstract_params(vae, vae_small)[0] if vae is not None else None
-
-    def step(state, batch, key, vae_params):
-        with nn.logical_axis_rules(rules):
-            new, metrics = ts.train_step(
-                state,
-                batch,
-                key,
-                vae_params,
-                model=module,
-                tx=tx,
-                cfg=cfg,
-                vae=vae,
-                encode_passes=encode_passes,
-                microbatches=microbatches,
-                param_sharding=param_sharding,  # the gradient accumulator sharded like the params
-            )
-        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])  # the Trainer's NaN check
-        return new, {**metrics, "finite": finite}
-
-    jitted = jax.jit(step, out_shardings=(state_sharding, replicated), donate_argnums=0)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        return jitted.lower(state, batch, key, vae_params), state
+    vae_params = nn.unbox(jax.eval_shape(vae.init, jax.random.key(0), *vae_small))["params"] if vae else None
+    return train_state.lower_train_step(step, mesh, state, batch, vae_params), state
 
 
 def _per_device_bytes(tree) -> int:

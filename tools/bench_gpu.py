@@ -135,7 +135,7 @@ def train(args) -> None:
     import numpy as np
     from flax import traverse_util
 
-    from d4k_jax import flops, sharding
+    from d4k_jax import flops, sharding, train_state
     from d4k_jax import train_step as ts
     from tools.bench import train_step_lowered
 
@@ -173,13 +173,13 @@ def train(args) -> None:
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t
 
-    def make_state(key):
-        params = nn.unbox(module.init(key, *small))["params"]
-        return ts.TrainState(jnp.int32(0), params, tx.init(params))
-
+    # random weights placed as the Trainer places the loaded ones (a copy, optimizer state initialised in place)
+    init = lambda k: nn.unbox(module.init(k, *small))["params"]
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
-        state = jax.jit(make_state, out_shardings=jax.tree.map(lambda x: x.sharding, state_abs))(jax.random.key(0))
+        params = jax.jit(init, out_shardings=train_state.shardings_of(state_abs.params))(jax.random.key(0))
         vae_params = jax.jit(lambda k: nn.unbox(vae.init(k, *vae_small))["params"])(jax.random.key(1)) if vae else None
+    state = train_state.init_train_state(params, tx, state_abs)
+    del params
     rng = np.random.default_rng(0)
     batch = {k: jnp.asarray(rng.uniform(-1, 1, v.shape).astype(np.float32), v.dtype) for k, v in batch_shapes.items()}
     key = jax.random.key(2)
