@@ -16,8 +16,8 @@ from pytorch_wavelets import DWTForward
 from torch_flux import make_flux
 from torch_sd3 import make_sd3
 
-from conversion import load_component
 from d4k_jax import train_step as ts
+from d4k_jax.io import load_component
 from d4k_jax.io.components import kind_of_module
 from d4k_jax.models.keymap import to_torch
 

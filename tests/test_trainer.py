@@ -11,9 +11,9 @@ from array_batches import ArrayBatches
 from helpers import save_component
 from torch_flux import make_flux
 
-from conversion import load_component
 from d4k_jax import sharding
 from d4k_jax import train_step as ts
+from d4k_jax.io import load_component
 from d4k_jax.io.components import kind_of_module
 from d4k_jax.metric_writers import drop_rows_after
 from d4k_jax.trainer import NonFiniteLoss, Trainer
