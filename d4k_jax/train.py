@@ -35,9 +35,9 @@ from ml_collections import config_flags
 from d4k_jax import checkpoint, cli, files, plots, sharding, train_config
 from d4k_jax import train_step as ts
 from d4k_jax.data import aesthetic4k, demo, input_pipeline, text_cache
-from d4k_jax.io import kind_of_module, load_component
+from d4k_jax.io import kind_of_module
 from d4k_jax.metrics import suite
-from d4k_jax.pipelines import base
+from d4k_jax.pipelines import base, pipeline_class
 from d4k_jax.train_config import lr_schedule
 from d4k_jax.trainer import Trainer
 
@@ -62,9 +62,11 @@ def run(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[dict]:
     logging.info("%d training images in %s; global batch %d on mesh %s", len(captions), data_dir, global_batch, mesh)
 
     dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
-    module, params = load_component(path / "transformer", dtype=dtype, param_dtype=param_dtype, remat=c.train.remat)
-    vae = base.load(path, "vae", dtype, **({"stride": c.vae_stride} if c.vae_stride else {}))
-    pipe = _pipeline_class(c.model).from_pretrained(path, dtype=dtype, transformer=(module, None), vae=vae)
+    pipe = pipeline_class(c.model).from_pretrained(
+        path, dtype=dtype, vae_stride=c.vae_stride or None, param_dtype=param_dtype, remat=c.train.remat
+    )
+    (module, params), vae = pipe.transformer, pipe.vae
+    pipe.transformer = base.Component(module, None)  # the trainer owns the params; SampleEval passes its own
     cache = text_cache.build(
         workdir / "text_cache",
         captions,
@@ -181,9 +183,9 @@ class SampleEval:
             seed=c.seed,
             prompt_embeds=pipe.encode_prompt(padded, e.max_sequence_length),
         )
-        if c.model == "sd3" and e.guidance > 1:
-            negative = [c.sample.negative_prompt] * len(padded)
-            self.kwargs["negative_prompt_embeds"] = pipe.encode_prompt(negative, e.max_sequence_length)
+        negative = pipe.negative_embeds(c.sample.negative_prompt, len(padded), e.guidance, e.max_sequence_length)
+        if negative is not None:
+            self.kwargs["negative_prompt_embeds"] = negative
         self.padded = padded
         names = [m for m in e.get("metrics", "").split(",") if m]
         self.metrics = suite.Metrics(names, suite.Weights(**e.get("weights", {}))) if names else None
@@ -199,7 +201,7 @@ class SampleEval:
         return {f"eval_{k}": r["value"] for k, r in self.metrics.result().items() if "value" in r}
 
     def __call__(self, params: Any) -> np.ndarray:
-        self.pipe.transformer = (self.module, params)
+        self.pipe.transformer = base.Component(self.module, params)
         with nn.logical_axis_rules(self.rules):
             images = self.pipe(self.padded, **self.kwargs)
         if jax.process_count() > 1:
@@ -297,16 +299,6 @@ def exported_step(folder: Path) -> int | None:
 def _axes(axes):
     """A rule's mesh axes as config files give them (str, None, or a list from JSON) -> str / tuple / None."""
     return tuple(axes) if isinstance(axes, list | tuple) else axes
-
-
-def _pipeline_class(model: str):
-    if model == "flux":
-        from d4k_jax.pipelines.flux import FluxPipeline
-
-        return FluxPipeline
-    from d4k_jax.pipelines.sd3 import SD3Pipeline
-
-    return SD3Pipeline
 
 
 def _sync(name: str) -> None:

@@ -1,24 +1,130 @@
-"""What both text-to-image pipelines share: loading, initial noise, VAE decode, uint8 output."""
+"""What every text-to-image pipeline shares: the `Pipeline` interface that sample.py and train.py drive
+(so that neither asks which model it holds), `Component` (a loaded model), loading, initial noise, VAE
+decode, uint8 output."""
 
 from __future__ import annotations
 
+import abc
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from d4k_jax.io import load_component
+from d4k_jax.io import class_name, load_component, load_config
+from d4k_jax.models import vae_keys
 from d4k_jax.models.vae import AutoencoderKL
 
 
-def load(path: Path, name: str, dtype: Any, **overrides):
-    """(module, params) of one pipeline component folder (diffusers or converted)."""
+class Component(NamedTuple):
+    """One loaded model: `module.apply({"params": params}, ...)`. A tuple, so `module, params = component`
+    works and callers may still pass plain (module, params) pairs; params may be None until they are set
+    (the trainer's transformer)."""
+
+    module: nn.Module
+    params: Any
+
+
+def component(pair: tuple[nn.Module, Any] | None) -> Component | None:
+    """A (module, params) pair as a Component (None stays None)."""
+    return None if pair is None else Component(*pair)
+
+
+def load(path: Path, name: str, dtype: Any, **overrides: Any) -> Component:
+    """One pipeline component folder (diffusers or converted), computing and stored in `dtype` unless
+    `overrides` say otherwise (param_dtype, remat, stride, ...)."""
     folder = path / name
     if not folder.is_dir():
         raise FileNotFoundError(f"{path}: no {name}/ component folder (a diffusers pipeline or converted directory)")
-    return load_component(folder, dtype=dtype, param_dtype=dtype, **overrides)
+    return Component(*load_component(folder, **{"dtype": dtype, "param_dtype": dtype, **overrides}))
+
+
+def load_models(
+    path: Path, dtype: Any, vae_stride: int | None, transformer: tuple | None, vae: tuple | None, **opts: Any
+) -> tuple[Component, Component]:
+    """(transformer, vae) of a pipeline folder: the given ones, else loaded (`opts` override the
+    transformer's config; vae_stride=2 selects the F16 VAE)."""
+    transformer = component(transformer) or load(path, "transformer", dtype, **opts)
+    vae = component(vae) or load(path, "vae", dtype, **({} if vae_stride is None else {"stride": vae_stride}))
+    return transformer, vae
+
+
+class Pipeline(abc.ABC):
+    """Prompts -> images for one model kind. Subclasses hold `transformer` and `vae` Components (plus their
+    text encoders) and say what differs between models: the transformer class, how pixels map to latent
+    tokens, the latent channels, whether a negative prompt is encoded (CFG)."""
+
+    model: ClassVar[str]  # the config's model kind, this class's key in d4k_jax.pipelines.PIPELINES
+    transformer_class: ClassVar[str]  # the diffusers class its transformer/ folder holds
+    uses_negative_prompt: ClassVar[bool] = False  # classifier-free guidance with a negative prompt
+    transformer: Component
+    vae: Component
+
+    @classmethod
+    @abc.abstractmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        dtype: Any = jnp.bfloat16,
+        vae_stride: int | None = None,
+        transformer: tuple | None = None,
+        vae: tuple | None = None,
+        **opts: Any,
+    ) -> Pipeline:
+        """A diffusers pipeline folder or its converted directory; vae_stride=2 selects the F16 VAE. `opts`
+        override the transformer's config; `transformer` / `vae` are used instead of loading those."""
+
+    @abc.abstractmethod
+    def encode_prompt(self, prompts: list[str], max_sequence_length: int) -> tuple[jax.Array, jax.Array]:
+        """(encoder_hidden_states [B, T, D], pooled_projections [B, P]), as the call's `prompt_embeds`."""
+
+    @abc.abstractmethod
+    def release_text_encoders(self) -> None:
+        """Drop the text encoders' device memory; encode_prompt fails afterwards."""
+
+    @classmethod
+    @abc.abstractmethod
+    def token_geometry(cls, vae_factor: int, transformer_config: dict[str, Any]) -> tuple[int, int | None]:
+        """(pixels per latent token side, the largest image side or None) from the VAE's downsampling and
+        the transformer's config.json."""
+
+    @property
+    @abc.abstractmethod
+    def factor(self) -> int:
+        """Pixels per latent token side: the VAE's factor times the transformer's patch."""
+
+    @property
+    @abc.abstractmethod
+    def latent_channels(self) -> int:
+        """C of the latents the transformer denoises."""
+
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """[B, h, w, C] of the initial noise for height x width images (multiples of `factor`)."""
+        return latent_shape(batch, height, width, self.factor, self.latent_channels)
+
+    def negative_embeds(
+        self, negative_prompt: str, batch: int, guidance_scale: float, max_sequence_length: int
+    ) -> tuple[jax.Array, jax.Array] | None:
+        """The call's `negative_prompt_embeds` for `batch` images, or None where the call takes none."""
+        del negative_prompt, batch, guidance_scale, max_sequence_length
+        return None
+
+    @classmethod
+    def geometry(cls, path: str | os.PathLike, vae_stride: int | None = None) -> tuple[int, int | None]:
+        """`token_geometry` of the pipeline folder `path`, read from its vae/ and transformer/ config.json
+        (no weights); an error when its transformer is another model's."""
+        folder = pipeline_dir(path)
+        stride = {} if vae_stride is None else {"stride": vae_stride}
+        vae_factor = vae_keys.config_from_diffusers(load_config(folder / "vae", **stride)).downsample_factor
+        cfg = load_config(folder / "transformer")
+        if class_name(cfg) not in (None, cls.transformer_class):
+            raise ValueError(
+                f"config.model={cls.model!r} expects a {cls.transformer_class} but {folder}/transformer holds a "
+                f"{class_name(cfg)}: set --config.model to the pipeline's model"
+            )
+        return cls.token_geometry(vae_factor, cfg)
 
 
 def pipeline_dir(path: str | os.PathLike) -> Path:
