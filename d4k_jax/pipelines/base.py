@@ -7,15 +7,17 @@ from __future__ import annotations
 import abc
 import os
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, Self
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from d4k_jax.diffusion.flow import SchedulerConfig
 from d4k_jax.io import class_name, load_component, load_config
 from d4k_jax.models import vae_keys
 from d4k_jax.models.vae import AutoencoderKL
+from d4k_jax.pipelines.scheduler import load_scheduler
 
 
 class Component(NamedTuple):
@@ -41,29 +43,22 @@ def load(path: Path, name: str, dtype: Any, **overrides: Any) -> Component:
     return Component(*load_component(folder, **{"dtype": dtype, "param_dtype": dtype, **overrides}))
 
 
-def load_models(
-    path: Path, dtype: Any, vae_stride: int | None, transformer: tuple | None, vae: tuple | None, **opts: Any
-) -> tuple[Component, Component]:
-    """(transformer, vae) of a pipeline folder: the given ones, else loaded (`opts` override the
-    transformer's config; vae_stride=2 selects the F16 VAE)."""
-    transformer = component(transformer) or load(path, "transformer", dtype, **opts)
-    vae = component(vae) or load(path, "vae", dtype, **({} if vae_stride is None else {"stride": vae_stride}))
-    return transformer, vae
-
-
 class Pipeline(abc.ABC):
     """Prompts -> images for one model kind. Subclasses hold `transformer` and `vae` Components (plus their
     text encoders) and say what differs between models: the transformer class, how pixels map to latent
-    tokens, the latent channels, whether a negative prompt is encoded (CFG)."""
+    tokens, the latent channels, whether a negative prompt is encoded (CFG). Their constructors take
+    `transformer`, `vae`, `scheduler` and the `text_components` by keyword; their calls take DESIGN.md's
+    arguments (prompts, height, width, num_inference_steps, guidance_scale, seed, latents, negative_prompt,
+    max_sequence_length, prompt_embeds, output; SD3 also negative_prompt_embeds)."""
 
     model: ClassVar[str]  # the config's model kind, this class's key in d4k_jax.pipelines.PIPELINES
     transformer_class: ClassVar[str]  # the diffusers class its transformer/ folder holds
+    default_scheduler: ClassVar[SchedulerConfig]  # the base model's, for a folder without scheduler/
     uses_negative_prompt: ClassVar[bool] = False  # classifier-free guidance with a negative prompt
     transformer: Component
     vae: Component
 
     @classmethod
-    @abc.abstractmethod
     def from_pretrained(
         cls,
         path: str | os.PathLike,
@@ -72,9 +67,20 @@ class Pipeline(abc.ABC):
         transformer: tuple | None = None,
         vae: tuple | None = None,
         **opts: Any,
-    ) -> Pipeline:
+    ) -> Self:
         """A diffusers pipeline folder or its converted directory; vae_stride=2 selects the F16 VAE. `opts`
-        override the transformer's config; `transformer` / `vae` are used instead of loading those."""
+        override the transformer's config (e.g. remat, param_dtype); `transformer` / `vae`, (module, params)
+        pairs, are used instead of loading those components."""
+        path = pipeline_dir(path)
+        scheduler = load_scheduler(path, cls.default_scheduler)  # before the weights: a bad config fails fast
+        transformer = component(transformer) or load(path, "transformer", dtype, **opts)
+        vae = component(vae) or load(path, "vae", dtype, **({} if vae_stride is None else {"stride": vae_stride}))
+        return cls(transformer=transformer, vae=vae, scheduler=scheduler, **cls.text_components(path, dtype))
+
+    @classmethod
+    @abc.abstractmethod
+    def text_components(cls, path: Path, dtype: Any) -> dict[str, Any]:
+        """The constructor's text encoders and tokenizers, loaded from the pipeline folder `path`."""
 
     @abc.abstractmethod
     def encode_prompt(self, prompts: list[str], max_sequence_length: int) -> tuple[jax.Array, jax.Array]:
@@ -103,6 +109,15 @@ class Pipeline(abc.ABC):
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
         """[B, h, w, C] of the initial noise for height x width images (multiples of `factor`)."""
         return latent_shape(batch, height, width, self.factor, self.latent_channels)
+
+    def initial_latents(self, latents: Any, seed: int, batch: int, height: int, width: int) -> jax.Array:
+        """The caller's initial noise `latents` (checked against `latent_shape`), else noise drawn from
+        `seed`; in the transformer's compute dtype."""
+        shape, dtype = self.latent_shape(batch, height, width), self.transformer.module.dtype
+        latents = initial_noise(seed, shape, dtype) if latents is None else jnp.asarray(latents)
+        if latents.shape != shape:
+            raise ValueError(f"latents must be {shape} for {batch} prompts at {height}x{width}, got {latents.shape}")
+        return latents.astype(dtype)
 
     def negative_embeds(
         self, negative_prompt: str, batch: int, guidance_scale: float, max_sequence_length: int

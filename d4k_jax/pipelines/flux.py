@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-import os
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -13,7 +13,6 @@ from d4k_jax.diffusion.flow import FLUX_DEV, SchedulerConfig, flux_schedule
 from d4k_jax.diffusion.sampler import euler_sample
 from d4k_jax.pipelines import base
 from d4k_jax.pipelines.conditioning import flux_conditioning
-from d4k_jax.pipelines.scheduler import load_scheduler
 from d4k_jax.pipelines.tokenizer import Tokenizer
 
 
@@ -24,6 +23,7 @@ class FluxPipeline(base.Pipeline):
 
     model = "flux"
     transformer_class = "FluxTransformer2DModel"
+    default_scheduler = FLUX_DEV
 
     def __init__(
         self,
@@ -42,25 +42,8 @@ class FluxPipeline(base.Pipeline):
         self._encode = jax.jit(functools.partial(_encode, self.text_encoder.module, self.text_encoder_2.module))
 
     @classmethod
-    def from_pretrained(
-        cls,
-        path: str | os.PathLike,
-        dtype: Any = jnp.bfloat16,
-        vae_stride: int | None = None,
-        transformer: tuple | None = None,
-        vae: tuple | None = None,
-        **opts: Any,
-    ) -> FluxPipeline:
-        """A diffusers FLUX.1 pipeline folder or its converted directory; vae_stride=2 selects the F16 VAE.
-        `opts` override the transformer's config (e.g. remat, param_dtype); `transformer` / `vae`, (module,
-        params) pairs, are used instead of loading those components."""
-        path = base.pipeline_dir(path)
-        scheduler = load_scheduler(path, FLUX_DEV)  # before the weights: a bad config fails fast
-        transformer, vae = base.load_models(path, dtype, vae_stride, transformer, vae, **opts)
-        return cls(
-            scheduler=scheduler,
-            transformer=transformer,
-            vae=vae,
+    def text_components(cls, path: Path, dtype: Any) -> dict[str, Any]:
+        return dict(
             text_encoder=base.load(path, "text_encoder", dtype),
             text_encoder_2=base.load(path, "text_encoder_2", dtype),
             tokenizer=Tokenizer(path / "tokenizer"),
@@ -112,18 +95,14 @@ class FluxPipeline(base.Pipeline):
         prompts = base.as_prompts(prompts)
         text, pooled = prompt_embeds or self.encode_prompt(prompts, max_sequence_length or 512)
         module = self.transformer.module
-        shape = self.latent_shape(len(prompts), height, width)
-        latents = base.initial_noise(seed, shape, module.dtype) if latents is None else jnp.asarray(latents)
-        if latents.shape != shape:
-            raise ValueError(
-                f"latents must be {shape} for {len(prompts)} prompts at {height}x{width}, got {latents.shape}"
-            )
-        sigmas, timesteps = flux_schedule(num_inference_steps, (shape[1] // 2) * (shape[2] // 2), self.scheduler)
+        latents = self.initial_latents(latents, seed, len(prompts), height, width)
+        _, h, w, _ = latents.shape
+        sigmas, timesteps = flux_schedule(num_inference_steps, (h // 2) * (w // 2), self.scheduler)
         guidance = jnp.full((len(prompts),), guidance_scale, jnp.float32) if module.config.guidance_embeds else None
         images = self._sample(
             self.transformer.params,
             self.vae.params,
-            latents.astype(module.dtype),
+            latents,
             text,
             pooled,
             guidance,

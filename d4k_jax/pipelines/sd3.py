@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-import os
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -14,7 +14,6 @@ from d4k_jax.diffusion.sampler import euler_sample
 from d4k_jax.models import mmdit_keys
 from d4k_jax.pipelines import base
 from d4k_jax.pipelines.conditioning import sd3_conditioning
-from d4k_jax.pipelines.scheduler import load_scheduler
 from d4k_jax.pipelines.tokenizer import Tokenizer
 
 
@@ -25,6 +24,7 @@ class SD3Pipeline(base.Pipeline):
 
     model = "sd3"
     transformer_class = "SD3Transformer2DModel"
+    default_scheduler = SD3_MEDIUM
     uses_negative_prompt = True
 
     def __init__(
@@ -50,26 +50,9 @@ class SD3Pipeline(base.Pipeline):
         )
 
     @classmethod
-    def from_pretrained(
-        cls,
-        path: str | os.PathLike,
-        dtype: Any = jnp.bfloat16,
-        vae_stride: int | None = None,
-        transformer: tuple | None = None,
-        vae: tuple | None = None,
-        **opts: Any,
-    ) -> SD3Pipeline:
-        """A diffusers SD3 pipeline folder or its converted directory; vae_stride=2 selects the F16 VAE.
-        `opts` override the transformer's config (e.g. remat, param_dtype); `transformer` / `vae`, (module,
-        params) pairs, are used instead of loading those components."""
-        path = base.pipeline_dir(path)
-        scheduler = load_scheduler(path, SD3_MEDIUM)  # before the weights: a bad config fails fast
-        has_t5 = (path / "text_encoder_3").is_dir()
-        transformer, vae = base.load_models(path, dtype, vae_stride, transformer, vae, **opts)
-        return cls(
-            scheduler=scheduler,
-            transformer=transformer,
-            vae=vae,
+    def text_components(cls, path: Path, dtype: Any) -> dict[str, Any]:
+        has_t5 = (path / "text_encoder_3").is_dir()  # SD3 runs without T5 (zeros in its place)
+        return dict(
             text_encoder=base.load(path, "text_encoder", dtype),
             text_encoder_2=base.load(path, "text_encoder_2", dtype),
             text_encoder_3=base.load(path, "text_encoder_3", dtype) if has_t5 else None,
@@ -139,17 +122,14 @@ class SD3Pipeline(base.Pipeline):
                 raise ValueError(f"{len(negative)} negative prompts for {b} prompts")
             neg_text, neg_pooled = negative_prompt_embeds or self.encode_prompt(negative, length)
             text, pooled = jnp.concatenate([neg_text, text]), jnp.concatenate([neg_pooled, pooled])
-        module = self.transformer.module
-        shape = self.latent_shape(b, height, width)
-        latents = base.initial_noise(seed, shape, module.dtype) if latents is None else jnp.asarray(latents)
-        if latents.shape != shape:
-            raise ValueError(f"latents must be {shape} for {b} prompts at {height}x{width}, got {latents.shape}")
-        patch = module.config.patch_size  # the pipeline's image_seq_len for a dynamic shift: latent patches
-        sigmas, timesteps = sd3_schedule(num_inference_steps, self.scheduler, (shape[1] // patch) * (shape[2] // patch))
+        latents = self.initial_latents(latents, seed, b, height, width)
+        _, h, w, _ = latents.shape
+        patch = self.transformer.module.config.patch_size  # the pipeline's image_seq_len for a dynamic shift
+        sigmas, timesteps = sd3_schedule(num_inference_steps, self.scheduler, (h // patch) * (w // patch))
         images = self._sample(
             self.transformer.params,
             self.vae.params,
-            latents.astype(module.dtype),
+            latents,
             text,
             pooled,
             jnp.float32(guidance_scale),
