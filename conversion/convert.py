@@ -34,20 +34,24 @@ from d4k_jax import checkpoint, cli
 from d4k_jax.io.components import KINDS, class_name, override_problem
 from d4k_jax.io.load import PARAMS_DIR, load_config
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("src", None, "diffusers/transformers pipeline or component folder, or a converted one")
-flags.DEFINE_string("dst", None, "output folder (must not exist; written as DST.partial, then renamed)")
-flags.DEFINE_enum("to", "flax", ["flax", "diffusers"], "target format")
-flags.DEFINE_enum("dtype", None, sorted(STORAGE_DTYPES), "storage dtype (default: float32 / as loaded)")
-flags.DEFINE_multi_string(
-    "override",
-    [],
-    "config override KEY=JSON_VALUE, e.g. --override=stride=2 (the F16 VAE). For a component folder KEY is "
-    "one of its config keys; for a pipeline folder KEY=VALUE reaches the VAE only and COMPONENT.KEY=VALUE "
-    "the named component (e.g. vae.stride=2). A key the model does not read is an error listing valid keys.",
-)
-flags.DEFINE_string("component", "transformer", "the model to take from a single file holding several (SAI SD3)")
-flags.DEFINE_bool("skip_unsupported", False, "copy model components of unsupported classes instead of failing")
+
+def _define_flags() -> None:
+    # Defined only when run as a program, as every CLI does, so that importing this module (the tests, another
+    # program) never defines or clashes with flags.
+    flags.DEFINE_string("src", None, "diffusers/transformers pipeline or component folder, or a converted one")
+    flags.DEFINE_string("dst", None, "output folder (must not exist; written as DST.partial, then renamed)")
+    flags.DEFINE_enum("to", "flax", ["flax", "diffusers"], "target format")
+    flags.DEFINE_enum("dtype", None, sorted(STORAGE_DTYPES), "storage dtype (default: float32 / as loaded)")
+    flags.DEFINE_multi_string(
+        "override",
+        [],
+        "config override KEY=JSON_VALUE, e.g. --override=stride=2 (the F16 VAE). For a component folder KEY is "
+        "one of its config keys; for a pipeline folder KEY=VALUE reaches the VAE only and COMPONENT.KEY=VALUE "
+        "the named component (e.g. vae.stride=2). A key the model does not read is an error listing valid keys.",
+    )
+    flags.DEFINE_string("component", "transformer", "the model to take from a single file holding several (SAI SD3)")
+    flags.DEFINE_bool("skip_unsupported", False, "copy model components of unsupported classes instead of failing")
+
 
 PIPELINE_DEFAULT = "vae"  # the component a bare KEY=VALUE override reaches in a pipeline folder
 
@@ -201,11 +205,12 @@ def _written(dst: Path, write) -> None:
 
 def main(argv):
     del argv
-    if not FLAGS.src or not FLAGS.dst:
+    f = flags.FLAGS
+    if not f.src or not f.dst:
         raise app.UsageError("--src and --dst are required")
-    overrides = parse_overrides(FLAGS.override)
-    convert(Path(FLAGS.src), Path(FLAGS.dst), FLAGS.to, FLAGS.dtype, overrides, FLAGS.skip_unsupported, FLAGS.component)
+    convert(Path(f.src), Path(f.dst), f.to, f.dtype, parse_overrides(f.override), f.skip_unsupported, f.component)
 
 
 if __name__ == "__main__":
+    _define_flags()
     cli.run(main, config_flag=None)

@@ -35,14 +35,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from d4k_jax import cli, files, sharding
-from d4k_jax.io import class_name, kind_of_module, load_config
-from d4k_jax.models import mmdit_keys, vae_keys
-from d4k_jax.pipelines import base
+from d4k_jax.io import kind_of_module
+from d4k_jax.pipelines import PIPELINES, base, pipeline_class
 
 SETTINGS = "settings.json"
 METADATA = "metadata.jsonl"
 FORMATS = {"jpeg": "jpg", "png": "png"}
-TRANSFORMERS = {"flux": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel"}
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -66,20 +64,8 @@ def read_prompts(path: str | Path) -> list[str]:
 
 def pipeline_geometry(path: str | Path, model: str, vae_stride: int | None) -> tuple[int, int | None]:
     """(pixels per latent token side, the largest image side in pixels or None), read from the pipeline's
-    vae/ and transformer/ config.json (no weights). SD3's position table bounds the side; Flux's RoPE does not."""
-    folder = base.pipeline_dir(path)
-    stride = {} if vae_stride is None else {"stride": vae_stride}
-    vae_factor = vae_keys.config_from_diffusers(load_config(folder / "vae", **stride)).downsample_factor
-    cfg = load_config(folder / "transformer")
-    if class_name(cfg) not in (None, TRANSFORMERS[model]):
-        raise ValueError(
-            f"config.model={model!r} expects a {TRANSFORMERS[model]} but {folder}/transformer holds a "
-            f"{class_name(cfg)}: set --config.model to the pipeline's model"
-        )
-    if model == "flux":
-        return 2 * vae_factor, None  # 2x2 packed latents
-    t = mmdit_keys.config_from_diffusers(cfg)
-    return t.patch_size * vae_factor, t.pos_embed_max_size * t.patch_size * vae_factor
+    vae/ and transformer/ config.json (no weights): base.Pipeline.geometry of the model's pipeline."""
+    return pipeline_class(model).geometry(path, vae_stride)
 
 
 def size_problems(height, width, factor: int, largest: int | None) -> list[str]:
@@ -98,8 +84,8 @@ def size_problems(height, width, factor: int, largest: int | None) -> list[str]:
 
 def _settings_problems(c: ml_collections.ConfigDict) -> list[str]:
     s, problems = c.sample, []
-    if c.model not in TRANSFORMERS:
-        problems.append(f"config.model={c.model!r} is not one of {sorted(TRANSFORMERS)}")
+    if c.model not in PIPELINES:
+        problems.append(f"config.model={c.model!r} is not one of {sorted(PIPELINES)}")
     if s.format not in FORMATS:
         problems.append(f"config.sample.format={s.format!r} is not one of {sorted(FORMATS)}")
     for name in ("steps", "images_per_prompt", "max_sequence_length"):
@@ -123,7 +109,7 @@ def validate(c: ml_collections.ConfigDict, prompts_file: str | Path) -> tuple[li
         problems.append(str(e))
     if not c.pipeline:
         problems.append("set --config.pipeline to a diffusers pipeline folder or a converted directory")
-    elif c.model in TRANSFORMERS:
+    elif c.model in PIPELINES:
         try:
             problems += size_problems(
                 c.sample.height, c.sample.width, *pipeline_geometry(c.pipeline, c.model, c.vae_stride)
@@ -157,7 +143,7 @@ def settings(c: ml_collections.ConfigDict) -> dict:
         seed=c.seed, images_per_prompt=s.images_per_prompt, height=s.height, width=s.width, steps=s.steps,
         guidance=s.guidance, max_sequence_length=s.max_sequence_length, format=s.format,
     )  # fmt: skip
-    if c.model == "sd3":
+    if pipeline_class(c.model).uses_negative_prompt:
         out["negative_prompt"] = s.negative_prompt
     return out
 
@@ -230,12 +216,8 @@ def _job(name: str, ext: str) -> tuple[int | None, int]:
     return int(p), int(k)
 
 
-def load_pipeline(c: ml_collections.ConfigDict):
-    if c.model == "flux":
-        from d4k_jax.pipelines.flux import FluxPipeline as cls
-    else:
-        from d4k_jax.pipelines.sd3 import SD3Pipeline as cls
-    return cls.from_pretrained(c.pipeline, dtype=jnp.dtype(c.dtype), vae_stride=c.vae_stride)
+def load_pipeline(c: ml_collections.ConfigDict) -> base.Pipeline:
+    return pipeline_class(c.model).from_pretrained(c.pipeline, dtype=jnp.dtype(c.dtype), vae_stride=c.vae_stride)
 
 
 def run(c: ml_collections.ConfigDict, prompts_file: str, outdir: str) -> int:
@@ -258,10 +240,10 @@ def run(c: ml_collections.ConfigDict, prompts_file: str, outdir: str) -> int:
     pipe = load_pipeline(c)
     data = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     replicated = NamedSharding(mesh, PartitionSpec())
-    pipe.transformer = (pipe.transformer[0], _place(pipe.transformer, mesh, c.get("shard_params", False)))
-    pipe.vae = (pipe.vae[0], jax.device_put(pipe.vae[1], replicated))
-    module = pipe.transformer[0]
-    shape = base.latent_shape(1, s.height, s.width, _factor(c, pipe), _channels(c, module))[1:]
+    pipe.transformer = pipe.transformer._replace(params=_place(pipe.transformer, mesh, c.get("shard_params", False)))
+    pipe.vae = pipe.vae._replace(params=jax.device_put(pipe.vae.params, replicated))
+    module = pipe.transformer.module
+    shape = pipe.latent_shape(1, s.height, s.width)[1:]
     written = 0
     with tqdm(total=len(todo), unit="img", desc="sample") as bar:
         for start in range(0, len(todo), batch):
@@ -273,8 +255,8 @@ def run(c: ml_collections.ConfigDict, prompts_file: str, outdir: str) -> int:
             noise = jnp.concatenate([base.initial_noise(seed, (1, *shape), module.dtype) for seed in seeds])
             kwargs = dict(height=s.height, width=s.width, num_inference_steps=s.steps, guidance_scale=s.guidance)
             kwargs["prompt_embeds"] = jax.device_put(pipe.encode_prompt(texts, s.max_sequence_length), data)
-            if c.model == "sd3" and s.guidance > 1:
-                negative = pipe.encode_prompt([s.negative_prompt] * len(texts), s.max_sequence_length)
+            negative = pipe.negative_embeds(s.negative_prompt, len(texts), s.guidance, s.max_sequence_length)
+            if negative is not None:
                 kwargs["negative_prompt_embeds"] = jax.device_put(negative, data)
             images = pipe(texts, latents=jax.device_put(noise, data), **kwargs)
             if jax.process_count() > 1:  # every host gets the whole batch; host 0 writes (untested: one host here)
@@ -297,7 +279,7 @@ def run(c: ml_collections.ConfigDict, prompts_file: str, outdir: str) -> int:
     return written
 
 
-def _place(component, mesh, shard: bool):
+def _place(component: base.Component, mesh, shard: bool):
     """The transformer's params on the mesh: replicated, or FSDP-sharded by their logical axes
     (sharding.DEFAULT_RULES: "embed" over `fsdp`) when the model does not fit one device."""
     module, params = component
@@ -305,16 +287,6 @@ def _place(component, mesh, shard: bool):
         return jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
     abstract = jax.eval_shape(module.init, jax.random.key(0), *kind_of_module(module).init_inputs(module.config))
     return jax.device_put(params, sharding.params_sharding(mesh, sharding.DEFAULT_RULES, abstract)["params"])
-
-
-def _factor(c, pipe) -> int:
-    """Pixels per latent token side: the VAE's factor times the transformer's patches (Flux packs 2x2)."""
-    patch = 2 if c.model == "flux" else pipe.transformer[0].config.patch_size
-    return patch * pipe.vae[0].config.downsample_factor
-
-
-def _channels(c, module) -> int:
-    return module.config.latent_channels if c.model == "flux" else module.config.in_channels
 
 
 def _save(image: np.ndarray, path: Path, fmt: str) -> None:

@@ -96,3 +96,11 @@ def _is_axes(x) -> bool:
 def _lower(jitted, mesh, rules, args):
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         return jitted.lower(*args)
+
+
+def sync_processes(name: str) -> None:
+    """Every process waits here until all have reached `name` (nothing to wait for with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # multi-process runs only
+
+        multihost_utils.sync_global_devices(name)

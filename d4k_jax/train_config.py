@@ -25,6 +25,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from d4k_jax import train_step as ts
 from d4k_jax.sharding import MESH_AXES
 
 CHOICES = {  # field -> the values the training code implements
@@ -312,3 +313,19 @@ def check_resume(new: dict, workdir: str | Path, num_devices: int) -> list[tuple
 def _listed(fields: list[tuple[str, Any, Any]]) -> str:
     show = lambda v: v if v == ABSENT else json.dumps(v)
     return "; ".join(f"{f}: {show(a)} -> {show(b)}" for f, a, b in fields)
+
+
+def loss_config(c: ml_collections.ConfigDict) -> ts.LossConfig:
+    """The `loss` fields (and the model kind) as the train step takes them."""
+    weights = c.loss.subband_weights
+    return ts.LossConfig(
+        model=c.model,
+        loss=c.loss.loss,
+        timesteps=c.loss.timesteps,
+        shift=c.loss.shift,
+        guidance=c.loss.guidance,
+        wavelet=c.loss.wavelet,
+        level=c.loss.level,
+        subband_weights=None if weights is None else tuple(weights),
+        latent_shift=c.loss.latent_shift,
+    )

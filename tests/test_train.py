@@ -14,7 +14,8 @@ import pytest
 from tiny_pipelines import flux_pipeline, sd3_pipeline
 
 from configs import flux_wlf, sd3_wlf
-from d4k_jax import checkpoint, train
+from d4k_jax import checkpoint, sample_eval, train, train_config
+from d4k_jax.export import EXPORT_RECORD, export_pipeline, exported_step
 from d4k_jax.pipelines.flux import FluxPipeline
 from d4k_jax.pipelines.sd3 import SD3Pipeline
 
@@ -60,7 +61,7 @@ def test_train_writes_metrics_samples_and_a_loadable_pipeline(pipe_dir, straight
     cache = np.load(tmp_path / "text_cache" / "text.npy", mmap_mode="r")
     assert cache.shape == (24, 12, 24)  # every caption, T5 length 12, T5 width 24
 
-    assert train.exported_step(tmp_path / "pipeline") == 6
+    assert exported_step(tmp_path / "pipeline") == 6
     pipe = FluxPipeline.from_pretrained(tmp_path / "pipeline", dtype=np.float32)
     trained = jax.tree.leaves(pipe.transformer[1])
     start = jax.tree.leaves(FluxPipeline.from_pretrained(pipe_dir, dtype=np.float32).transformer[1])
@@ -103,28 +104,28 @@ def test_the_export_is_redone_when_its_step_differs(tmp_path):
     (source / "model_index.json").write_text("{}")
     (source / "transformer" / "config.json").write_text("{}")
     params = lambda v: {"w": np.full(3, v, np.float32)}
-    export = lambda v, step: train.export_pipeline(source, dst, None, params(v), step)
+    export = lambda v, step: export_pipeline(source, dst, None, params(v), step)
     exported = lambda: float(checkpoint.restore_params(dst / "transformer" / "params", params(0))["w"][0])
 
     export(1, step=20)
-    assert train.exported_step(dst) == 20 and exported() == 1 and (dst / "vae").is_symlink()
+    assert exported_step(dst) == 20 and exported() == 1 and (dst / "vae").is_symlink()
     export(2, step=20)  # the same step (a rerun of a finished run): kept
     assert exported() == 1
     export(3, step=30)  # the run extended from 20 to 30 steps: replaced
-    assert train.exported_step(dst) == 30 and exported() == 3
+    assert exported_step(dst) == 30 and exported() == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline", "src"]  # nothing left beside it
     dst.rename(tmp_path / "pipeline.old")  # killed between the two renames of the swap
     export(4, step=30)
     assert exported() == 3 and not (tmp_path / "pipeline.old").exists()  # the old export put back, still step 30
-    (dst / train.EXPORT_RECORD).unlink()  # an export from before the step was recorded
+    (dst / EXPORT_RECORD).unlink()  # an export from before the step was recorded
     export(5, step=30)
-    assert train.exported_step(dst) == 30 and exported() == 5
+    assert exported_step(dst) == 30 and exported() == 5
 
 
 def test_sigterm_saves_a_checkpoint_and_stops(pipe_dir, tmp_path, monkeypatch):
     c = _config(pipe_dir)
     c.train.checkpoint_every = 100
-    sampler_hook = train.SampleEval.hook
+    sampler_hook = sample_eval.SampleEval.hook
 
     def hook(self, num_steps):  # the preemption notice arrives during step 2
         inner = sampler_hook(self, num_steps)
@@ -132,7 +133,7 @@ def test_sigterm_saves_a_checkpoint_and_stops(pipe_dir, tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGTERM) if step == 2 else inner(step, state, writer)
         )
 
-    monkeypatch.setattr(train.SampleEval, "hook", hook)
+    monkeypatch.setattr(sample_eval.SampleEval, "hook", hook)
     handler = signal.getsignal(signal.SIGTERM)
     rows = train.run(c, tmp_path)
     assert [r["step"] for r in rows] == [1, 2]
@@ -177,9 +178,9 @@ def test_configs_carry_the_reference_recipe():
             "float32",
             "wlf",
         )
-        loss = train.loss_config(c)
+        loss = train_config.loss_config(c)
         assert (loss.model, loss.timesteps, loss.level, loss.subband_weights) == (model, "reference", 1, None)
     tiny = flux_wlf.get_config("tiny").train
-    schedule = train.lr_schedule(tiny)
+    schedule = train_config.lr_schedule(tiny)
     assert float(schedule(0)) == 0.0 and float(schedule(tiny.warmup_steps)) == pytest.approx(tiny.lr)
     assert float(schedule(tiny.steps)) < 1e-9

@@ -410,8 +410,8 @@ def check_sd3_pipeline(out: Path, captions: list[str]) -> None:
     from d4k_jax.pipelines.sd3 import SD3Pipeline
 
     pipe = SD3Pipeline.from_pretrained(out, dtype=jnp.float32)
-    if pipe.vae[0].config.stride != 2:
-        raise ValueError(f"{out}/vae loads without stride 2: {pipe.vae[0].config}")
+    if pipe.vae.module.config.stride != 2:
+        raise ValueError(f"{out}/vae loads without stride 2: {pipe.vae.module.config}")
     text, pooled = pipe.encode_prompt(captions, CLIP_LEN)
     want = ((len(captions), 2 * CLIP_LEN, SD3_T5_WIDTH), (len(captions), SD3_TRANSFORMER["pooled_projection_dim"]))
     if (text.shape, pooled.shape) != want:
@@ -426,8 +426,8 @@ def check_pipeline(out: Path, captions: list[str]) -> None:
     from d4k_jax.pipelines.flux import FluxPipeline
 
     pipe = FluxPipeline.from_pretrained(out, dtype=jnp.float32)
-    if pipe.vae[0].config.stride != 2:
-        raise ValueError(f"{out}/vae loads without stride 2: {pipe.vae[0].config}")
+    if pipe.vae.module.config.stride != 2:
+        raise ValueError(f"{out}/vae loads without stride 2: {pipe.vae.module.config}")
     images = pipe(captions, height=SIZE, width=SIZE, num_inference_steps=2, max_sequence_length=CLIP_LEN)
     if images.shape != (len(captions), SIZE, SIZE, 3) or images.dtype != jnp.uint8:
         raise ValueError(f"the pipeline sampled {images.shape} {images.dtype}")

@@ -114,8 +114,8 @@ def compare(
     kind = check_folder(folder)
     ref, ours, device, tdtype = load(folder, kind, dtype)
     flux = kind == "flux"
-    vae = ours.vae[0]
-    module = ours.transformer[0]
+    vae = ours.vae.module
+    module = ours.transformer.module
     c = module.config.latent_channels if flux else module.config.in_channels
     patch = 2 if flux else module.config.patch_size
     _, h, w, _ = base.latent_shape(1, height, width, patch * vae.config.downsample_factor, c)  # or a named error
@@ -244,7 +244,7 @@ def _pipeline(s, steps: int, f16: bool) -> tuple:
 
         z = TorchFlux._unpack_latents(out, height, width, factor) if s.flux else out
         z = z / ref.vae.config.scaling_factor + ref.vae.config.shift_factor
-        image = f16_decode(ref.vae, z, shifted=s.ours.vae[0].config.shifted_tail)
+        image = f16_decode(ref.vae, z, shifted=s.ours.vae.module.config.shifted_tail)
         out = s.n((image / 2 + 0.5).clamp(0, 1)).transpose(0, 2, 3, 1)
     got = s.ours(
         [s.prompt],

@@ -1,24 +1,145 @@
-"""What both text-to-image pipelines share: loading, initial noise, VAE decode, uint8 output."""
+"""What every text-to-image pipeline shares: the `Pipeline` interface that sample.py and train.py drive
+(so that neither asks which model it holds), `Component` (a loaded model), loading, initial noise, VAE
+decode, uint8 output."""
 
 from __future__ import annotations
 
+import abc
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, NamedTuple, Self
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from d4k_jax.io import load_component
+from d4k_jax.diffusion.flow import SchedulerConfig
+from d4k_jax.io import class_name, load_component, load_config
+from d4k_jax.models import vae_keys
 from d4k_jax.models.vae import AutoencoderKL
+from d4k_jax.pipelines.scheduler import load_scheduler
 
 
-def load(path: Path, name: str, dtype: Any, **overrides):
-    """(module, params) of one pipeline component folder (diffusers or converted)."""
+class Component(NamedTuple):
+    """One loaded model: `module.apply({"params": params}, ...)`. A tuple, so `module, params = component`
+    works and callers may still pass plain (module, params) pairs; params may be None until they are set
+    (the trainer's transformer)."""
+
+    module: nn.Module
+    params: Any
+
+
+def component(pair: tuple[nn.Module, Any] | None) -> Component | None:
+    """A (module, params) pair as a Component (None stays None)."""
+    return None if pair is None else Component(*pair)
+
+
+def load(path: Path, name: str, dtype: Any, **overrides: Any) -> Component:
+    """One pipeline component folder (diffusers or converted), computing and stored in `dtype` unless
+    `overrides` say otherwise (param_dtype, remat, stride, ...)."""
     folder = path / name
     if not folder.is_dir():
         raise FileNotFoundError(f"{path}: no {name}/ component folder (a diffusers pipeline or converted directory)")
-    return load_component(folder, dtype=dtype, param_dtype=dtype, **overrides)
+    return Component(*load_component(folder, **{"dtype": dtype, "param_dtype": dtype, **overrides}))
+
+
+class Pipeline(abc.ABC):
+    """Prompts -> images for one model kind. Subclasses hold `transformer` and `vae` Components (plus their
+    text encoders) and say what differs between models: the transformer class, how pixels map to latent
+    tokens, the latent channels, whether a negative prompt is encoded (CFG). Their constructors take
+    `transformer`, `vae`, `scheduler` and the `text_components` by keyword; their calls take DESIGN.md's
+    arguments (prompts, height, width, num_inference_steps, guidance_scale, seed, latents, negative_prompt,
+    max_sequence_length, prompt_embeds, output; SD3 also negative_prompt_embeds)."""
+
+    model: ClassVar[str]  # the config's model kind, this class's key in d4k_jax.pipelines.PIPELINES
+    transformer_class: ClassVar[str]  # the diffusers class its transformer/ folder holds
+    default_scheduler: ClassVar[SchedulerConfig]  # the base model's, for a folder without scheduler/
+    uses_negative_prompt: ClassVar[bool] = False  # classifier-free guidance with a negative prompt
+    transformer: Component
+    vae: Component
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        dtype: Any = jnp.bfloat16,
+        vae_stride: int | None = None,
+        transformer: tuple | None = None,
+        vae: tuple | None = None,
+        **opts: Any,
+    ) -> Self:
+        """A diffusers pipeline folder or its converted directory; vae_stride=2 selects the F16 VAE. `opts`
+        override the transformer's config (e.g. remat, param_dtype); `transformer` / `vae`, (module, params)
+        pairs, are used instead of loading those components."""
+        path = pipeline_dir(path)
+        scheduler = load_scheduler(path, cls.default_scheduler)  # before the weights: a bad config fails fast
+        transformer = component(transformer) or load(path, "transformer", dtype, **opts)
+        vae = component(vae) or load(path, "vae", dtype, **({} if vae_stride is None else {"stride": vae_stride}))
+        return cls(transformer=transformer, vae=vae, scheduler=scheduler, **cls.text_components(path, dtype))
+
+    @classmethod
+    @abc.abstractmethod
+    def text_components(cls, path: Path, dtype: Any) -> dict[str, Any]:
+        """The constructor's text encoders and tokenizers, loaded from the pipeline folder `path`."""
+
+    @abc.abstractmethod
+    def encode_prompt(self, prompts: list[str], max_sequence_length: int) -> tuple[jax.Array, jax.Array]:
+        """(encoder_hidden_states [B, T, D], pooled_projections [B, P]), as the call's `prompt_embeds`."""
+
+    @abc.abstractmethod
+    def release_text_encoders(self) -> None:
+        """Drop the text encoders' device memory; encode_prompt fails afterwards."""
+
+    @classmethod
+    @abc.abstractmethod
+    def token_geometry(cls, vae_factor: int, transformer_config: dict[str, Any]) -> tuple[int, int | None]:
+        """(pixels per latent token side, the largest image side or None) from the VAE's downsampling and
+        the transformer's config.json."""
+
+    @property
+    @abc.abstractmethod
+    def factor(self) -> int:
+        """Pixels per latent token side: the VAE's factor times the transformer's patch."""
+
+    @property
+    @abc.abstractmethod
+    def latent_channels(self) -> int:
+        """C of the latents the transformer denoises."""
+
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """[B, h, w, C] of the initial noise for height x width images (multiples of `factor`)."""
+        return latent_shape(batch, height, width, self.factor, self.latent_channels)
+
+    def initial_latents(self, latents: Any, seed: int, batch: int, height: int, width: int) -> jax.Array:
+        """The caller's initial noise `latents` (checked against `latent_shape`), else noise drawn from
+        `seed`; in the transformer's compute dtype."""
+        shape, dtype = self.latent_shape(batch, height, width), self.transformer.module.dtype
+        latents = initial_noise(seed, shape, dtype) if latents is None else jnp.asarray(latents)
+        if latents.shape != shape:
+            raise ValueError(f"latents must be {shape} for {batch} prompts at {height}x{width}, got {latents.shape}")
+        return latents.astype(dtype)
+
+    def negative_embeds(
+        self, negative_prompt: str, batch: int, guidance_scale: float, max_sequence_length: int
+    ) -> tuple[jax.Array, jax.Array] | None:
+        """The call's `negative_prompt_embeds` for `batch` images, or None where the call takes none."""
+        del negative_prompt, batch, guidance_scale, max_sequence_length
+        return None
+
+    @classmethod
+    def geometry(cls, path: str | os.PathLike, vae_stride: int | None = None) -> tuple[int, int | None]:
+        """`token_geometry` of the pipeline folder `path`, read from its vae/ and transformer/ config.json
+        (no weights); an error when its transformer is another model's."""
+        folder = pipeline_dir(path)
+        stride = {} if vae_stride is None else {"stride": vae_stride}
+        vae_factor = vae_keys.config_from_diffusers(load_config(folder / "vae", **stride)).downsample_factor
+        cfg = load_config(folder / "transformer")
+        if class_name(cfg) not in (None, cls.transformer_class):
+            raise ValueError(
+                f"config.model={cls.model!r} expects a {cls.transformer_class} but {folder}/transformer holds a "
+                f"{class_name(cfg)}: set --config.model to the pipeline's model"
+            )
+        return cls.token_geometry(vae_factor, cfg)
 
 
 def pipeline_dir(path: str | os.PathLike) -> Path:

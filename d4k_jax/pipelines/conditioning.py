@@ -14,15 +14,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-Encoder = tuple[nn.Module, Any]  # (module, params)
+Encoder = tuple[nn.Module, Any]  # a base.Component or a plain (module, params) pair
+
+
+def _apply(encoder: Encoder, ids: jax.Array) -> Any:
+    module, params = encoder
+    return module.apply({"params": params}, ids)
 
 
 def flux_conditioning(
     clip: Encoder, clip_ids: jax.Array, t5: Encoder, t5_ids: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """(encoder_hidden_states [B, T, D_t5], pooled_projections [B, D_clip])."""
-    pooled = clip[0].apply({"params": clip[1]}, clip_ids).pooler_output
-    text = t5[0].apply({"params": t5[1]}, t5_ids).last_hidden_state
+    pooled = _apply(clip, clip_ids).pooler_output
+    text = _apply(t5, t5_ids).last_hidden_state
     return text, pooled
 
 
@@ -41,8 +46,8 @@ def sd3_conditioning(
     its part is zeros of `t5_ids.shape[1]` tokens (256 when t5_ids is None), as the pipeline does."""
     layer = -2 if clip_skip is None else -(clip_skip + 2)
     hidden, pooled = [], []
-    for (module, params), ids in ((clip_l, clip_l_ids), (clip_g, clip_g_ids)):
-        out = module.apply({"params": params}, ids)
+    for encoder, ids in ((clip_l, clip_l_ids), (clip_g, clip_g_ids)):
+        out = _apply(encoder, ids)
         if out.text_embeds is None:
             raise ValueError("SD3 needs CLIPTextModelWithProjection encoders (their text_embeds are the pooled input)")
         hidden.append(out.hidden_states[layer])
@@ -52,6 +57,6 @@ def sd3_conditioning(
         length = 256 if t5_ids is None else t5_ids.shape[1]
         t5_hidden = jnp.zeros((clip.shape[0], length, t5_width), clip.dtype)
     else:
-        t5_hidden = t5[0].apply({"params": t5[1]}, t5_ids).last_hidden_state
+        t5_hidden = _apply(t5, t5_ids).last_hidden_state
     clip = jnp.pad(clip, ((0, 0), (0, 0), (0, t5_hidden.shape[-1] - clip.shape[-1])))
     return jnp.concatenate([clip, t5_hidden.astype(clip.dtype)], axis=1), jnp.concatenate(pooled, axis=-1)

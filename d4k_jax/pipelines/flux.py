@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-import os
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -13,13 +13,17 @@ from d4k_jax.diffusion.flow import FLUX_DEV, SchedulerConfig, flux_schedule
 from d4k_jax.diffusion.sampler import euler_sample
 from d4k_jax.pipelines import base
 from d4k_jax.pipelines.conditioning import flux_conditioning
-from d4k_jax.pipelines.scheduler import load_scheduler
 from d4k_jax.pipelines.tokenizer import Tokenizer
 
 
-class FluxPipeline:
-    """Components are (module, params) pairs; `from_pretrained` loads them from a pipeline folder. `scheduler`
-    holds the schedule settings (the folder's scheduler_config.json; FLUX.1-dev's by default)."""
+class FluxPipeline(base.Pipeline):
+    """Components are base.Component (module, params) pairs; `from_pretrained` loads them from a pipeline
+    folder. `scheduler` holds the schedule settings (the folder's scheduler_config.json; FLUX.1-dev's by
+    default). Guidance-distilled: no negative prompt, no CFG."""
+
+    model = "flux"
+    transformer_class = "FluxTransformer2DModel"
+    default_scheduler = FLUX_DEV
 
     def __init__(
         self,
@@ -31,31 +35,15 @@ class FluxPipeline:
         tokenizer_2: Tokenizer,
         scheduler: SchedulerConfig = FLUX_DEV,
     ):
-        self.transformer, self.vae, self.scheduler = transformer, vae, scheduler
-        self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
+        self.transformer, self.vae, self.scheduler = base.component(transformer), base.component(vae), scheduler
+        self.text_encoder, self.text_encoder_2 = base.component(text_encoder), base.component(text_encoder_2)
         self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
-        self._sample = jax.jit(functools.partial(_sample, transformer[0], vae[0]))
-        self._encode = jax.jit(functools.partial(_encode, text_encoder[0], text_encoder_2[0]))
+        self._sample = jax.jit(functools.partial(_sample, self.transformer.module, self.vae.module))
+        self._encode = jax.jit(functools.partial(_encode, self.text_encoder.module, self.text_encoder_2.module))
 
     @classmethod
-    def from_pretrained(
-        cls,
-        path: str | os.PathLike,
-        dtype: Any = jnp.bfloat16,
-        vae_stride: int | None = None,
-        transformer: tuple | None = None,
-        vae: tuple | None = None,
-        **opts: Any,
-    ) -> FluxPipeline:
-        """A diffusers FLUX.1 pipeline folder or its converted directory; vae_stride=2 selects the F16 VAE.
-        `opts` override the transformer's config (e.g. remat); `transformer` / `vae`, (module, params) pairs,
-        are used instead of loading those components (the trainer passes its own)."""
-        path = base.pipeline_dir(path)
-        scheduler = load_scheduler(path, FLUX_DEV)  # before the weights: a bad config fails fast
-        return cls(
-            scheduler=scheduler,
-            transformer=transformer or base.load(path, "transformer", dtype, **opts),
-            vae=vae or base.load(path, "vae", dtype, **({} if vae_stride is None else {"stride": vae_stride})),
+    def text_components(cls, path: Path, dtype: Any) -> dict[str, Any]:
+        return dict(
             text_encoder=base.load(path, "text_encoder", dtype),
             text_encoder_2=base.load(path, "text_encoder_2", dtype),
             tokenizer=Tokenizer(path / "tokenizer"),
@@ -67,11 +55,24 @@ class FluxPipeline:
         if self.text_encoder is None:
             raise ValueError("the text encoders were released (release_text_encoders); reload the pipeline")
         clip_ids, t5_ids = self.tokenizer(prompts), self.tokenizer_2(prompts, max_sequence_length)
-        return self._encode(self.text_encoder[1], self.text_encoder_2[1], clip_ids, t5_ids)
+        return self._encode(self.text_encoder.params, self.text_encoder_2.params, clip_ids, t5_ids)
 
     def release_text_encoders(self) -> None:
         """Drop the encoders' device memory (T5-XXL is 9.5 GB in bf16) after encoding, before 4K sampling."""
         self.text_encoder = self.text_encoder_2 = None
+
+    @classmethod
+    def token_geometry(cls, vae_factor: int, transformer_config: dict[str, Any]) -> tuple[int, None]:
+        del transformer_config
+        return 2 * vae_factor, None  # 2x2 packed latents; RoPE positions bound no side
+
+    @property
+    def factor(self) -> int:
+        return 2 * self.vae.module.config.downsample_factor
+
+    @property
+    def latent_channels(self) -> int:
+        return self.transformer.module.config.latent_channels
 
     def __call__(
         self,
@@ -93,24 +94,26 @@ class FluxPipeline:
             raise ValueError("FLUX.1 is guidance-distilled: it takes no negative_prompt (set guidance_scale)")
         prompts = base.as_prompts(prompts)
         text, pooled = prompt_embeds or self.encode_prompt(prompts, max_sequence_length or 512)
-        module = self.transformer[0]
-        f = self.vae[0].config.downsample_factor
-        shape = base.latent_shape(len(prompts), height, width, 2 * f, module.config.latent_channels)
-        latents = base.initial_noise(seed, shape, module.dtype) if latents is None else jnp.asarray(latents)
-        if latents.shape != shape:
-            raise ValueError(
-                f"latents must be {shape} for {len(prompts)} prompts at {height}x{width}, got {latents.shape}"
-            )
-        sigmas, timesteps = flux_schedule(num_inference_steps, (shape[1] // 2) * (shape[2] // 2), self.scheduler)
+        module = self.transformer.module
+        latents = self.initial_latents(latents, seed, len(prompts), height, width)
+        _, h, w, _ = latents.shape
+        sigmas, timesteps = flux_schedule(num_inference_steps, (h // 2) * (w // 2), self.scheduler)
         guidance = jnp.full((len(prompts),), guidance_scale, jnp.float32) if module.config.guidance_embeds else None
         images = self._sample(
-            self.transformer[1], self.vae[1], latents.astype(module.dtype), text, pooled, guidance, sigmas, timesteps
+            self.transformer.params,
+            self.vae.params,
+            latents,
+            text,
+            pooled,
+            guidance,
+            sigmas,
+            timesteps,
         )
         return base.to_output(images, output)
 
 
 def _encode(clip, t5, clip_params, t5_params, clip_ids, t5_ids):
-    return flux_conditioning((clip, clip_params), clip_ids, (t5, t5_params), t5_ids)
+    return flux_conditioning(base.Component(clip, clip_params), clip_ids, base.Component(t5, t5_params), t5_ids)
 
 
 def _sample(module, vae, params, vae_params, latents, text, pooled, guidance, sigmas, timesteps):

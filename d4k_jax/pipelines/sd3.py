@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-import os
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -11,15 +11,21 @@ import jax.numpy as jnp
 
 from d4k_jax.diffusion.flow import SD3_MEDIUM, SchedulerConfig, sd3_schedule
 from d4k_jax.diffusion.sampler import euler_sample
+from d4k_jax.models import mmdit_keys
 from d4k_jax.pipelines import base
 from d4k_jax.pipelines.conditioning import sd3_conditioning
-from d4k_jax.pipelines.scheduler import load_scheduler
 from d4k_jax.pipelines.tokenizer import Tokenizer
 
 
-class SD3Pipeline:
-    """Components are (module, params) pairs (text_encoder_3 may be None: T5 dropped, zeros in its place).
-    `scheduler` holds the schedule settings (the folder's scheduler_config.json; SD3-medium's by default)."""
+class SD3Pipeline(base.Pipeline):
+    """Components are base.Component (module, params) pairs (text_encoder_3 may be None: T5 dropped, zeros
+    in its place). `scheduler` holds the schedule settings (the folder's scheduler_config.json; SD3-medium's
+    by default). Classifier-free guidance with a negative prompt when guidance_scale > 1."""
+
+    model = "sd3"
+    transformer_class = "SD3Transformer2DModel"
+    default_scheduler = SD3_MEDIUM
+    uses_negative_prompt = True
 
     def __init__(
         self,
@@ -33,33 +39,20 @@ class SD3Pipeline:
         tokenizer_3: Tokenizer | None,
         scheduler: SchedulerConfig = SD3_MEDIUM,
     ):
-        self.transformer, self.vae, self.scheduler = transformer, vae, scheduler
-        self.text_encoders = (text_encoder, text_encoder_2, text_encoder_3)
+        self.transformer, self.vae, self.scheduler = base.component(transformer), base.component(vae), scheduler
+        self.text_encoders = tuple(base.component(e) for e in (text_encoder, text_encoder_2, text_encoder_3))
         self.tokenizers = (tokenizer, tokenizer_2, tokenizer_3)
-        t5 = None if text_encoder_3 is None else text_encoder_3[0]
-        width = transformer[0].config.joint_attention_dim
-        self._encode = jax.jit(functools.partial(_encode, text_encoder[0], text_encoder_2[0], t5, width))
-        self._sample = jax.jit(functools.partial(_sample, transformer[0], vae[0]), static_argnames="cfg")
+        clip_l, clip_g, t5 = (None if e is None else e.module for e in self.text_encoders)
+        width = self.transformer.module.config.joint_attention_dim
+        self._encode = jax.jit(functools.partial(_encode, clip_l, clip_g, t5, width))
+        self._sample = jax.jit(
+            functools.partial(_sample, self.transformer.module, self.vae.module), static_argnames="cfg"
+        )
 
     @classmethod
-    def from_pretrained(
-        cls,
-        path: str | os.PathLike,
-        dtype: Any = jnp.bfloat16,
-        vae_stride: int | None = None,
-        transformer: tuple | None = None,
-        vae: tuple | None = None,
-        **opts: Any,
-    ) -> SD3Pipeline:
-        """A diffusers SD3 pipeline folder or its converted directory; vae_stride=2 selects the F16 VAE.
-        `transformer` / `vae`, (module, params) pairs, are used instead of loading those components."""
-        path = base.pipeline_dir(path)
-        scheduler = load_scheduler(path, SD3_MEDIUM)  # before the weights: a bad config fails fast
-        has_t5 = (path / "text_encoder_3").is_dir()
-        return cls(
-            scheduler=scheduler,
-            transformer=transformer or base.load(path, "transformer", dtype, **opts),
-            vae=vae or base.load(path, "vae", dtype, **({} if vae_stride is None else {"stride": vae_stride})),
+    def text_components(cls, path: Path, dtype: Any) -> dict[str, Any]:
+        has_t5 = (path / "text_encoder_3").is_dir()  # SD3 runs without T5 (zeros in its place)
+        return dict(
             text_encoder=base.load(path, "text_encoder", dtype),
             text_encoder_2=base.load(path, "text_encoder_2", dtype),
             text_encoder_3=base.load(path, "text_encoder_3", dtype) if has_t5 else None,
@@ -74,11 +67,33 @@ class SD3Pipeline:
             raise ValueError("the text encoders were released (release_text_encoders); reload the pipeline")
         tok_l, tok_g, tok_t5 = self.tokenizers
         t5_ids = tok_t5(prompts, max_sequence_length) if tok_t5 else jnp.zeros((len(prompts), max_sequence_length), int)
-        params = tuple(None if e is None else e[1] for e in self.text_encoders)
+        params = tuple(None if e is None else e.params for e in self.text_encoders)
         return self._encode(*params, tok_l(prompts), tok_g(prompts), t5_ids)
 
     def release_text_encoders(self) -> None:
         self.text_encoders = (None, None, None)
+
+    @classmethod
+    def token_geometry(cls, vae_factor: int, transformer_config: dict[str, Any]) -> tuple[int, int]:
+        """The side is bounded by the position table: pos_embed_max_size patches."""
+        t = mmdit_keys.config_from_diffusers(transformer_config)
+        return t.patch_size * vae_factor, t.pos_embed_max_size * t.patch_size * vae_factor
+
+    @property
+    def factor(self) -> int:
+        return self.transformer.module.config.patch_size * self.vae.module.config.downsample_factor
+
+    @property
+    def latent_channels(self) -> int:
+        return self.transformer.module.config.in_channels
+
+    def negative_embeds(
+        self, negative_prompt: str, batch: int, guidance_scale: float, max_sequence_length: int
+    ) -> tuple[jax.Array, jax.Array] | None:
+        """The negative prompt's embeddings for CFG (guidance_scale > 1), else None."""
+        if guidance_scale <= 1:
+            return None
+        return self.encode_prompt([negative_prompt] * batch, max_sequence_length)
 
     def __call__(
         self,
@@ -107,19 +122,14 @@ class SD3Pipeline:
                 raise ValueError(f"{len(negative)} negative prompts for {b} prompts")
             neg_text, neg_pooled = negative_prompt_embeds or self.encode_prompt(negative, length)
             text, pooled = jnp.concatenate([neg_text, text]), jnp.concatenate([neg_pooled, pooled])
-        module = self.transformer[0]
-        shape = base.latent_shape(
-            b, height, width, module.config.patch_size * self.vae[0].config.downsample_factor, module.config.in_channels
-        )
-        latents = base.initial_noise(seed, shape, module.dtype) if latents is None else jnp.asarray(latents)
-        if latents.shape != shape:
-            raise ValueError(f"latents must be {shape} for {b} prompts at {height}x{width}, got {latents.shape}")
-        patch = module.config.patch_size  # the pipeline's image_seq_len for a dynamic shift: latent patches
-        sigmas, timesteps = sd3_schedule(num_inference_steps, self.scheduler, (shape[1] // patch) * (shape[2] // patch))
+        latents = self.initial_latents(latents, seed, b, height, width)
+        _, h, w, _ = latents.shape
+        patch = self.transformer.module.config.patch_size  # the pipeline's image_seq_len for a dynamic shift
+        sigmas, timesteps = sd3_schedule(num_inference_steps, self.scheduler, (h // patch) * (w // patch))
         images = self._sample(
-            self.transformer[1],
-            self.vae[1],
-            latents.astype(module.dtype),
+            self.transformer.params,
+            self.vae.params,
+            latents,
             text,
             pooled,
             jnp.float32(guidance_scale),
@@ -131,9 +141,15 @@ class SD3Pipeline:
 
 
 def _encode(clip_l, clip_g, t5, t5_width, clip_l_params, clip_g_params, t5_params, ids_l, ids_g, ids_t5):
-    encoder_t5 = None if t5 is None else (t5, t5_params)
+    encoder_t5 = None if t5 is None else base.Component(t5, t5_params)
     return sd3_conditioning(
-        (clip_l, clip_l_params), ids_l, (clip_g, clip_g_params), ids_g, encoder_t5, ids_t5, t5_width=t5_width
+        base.Component(clip_l, clip_l_params),
+        ids_l,
+        base.Component(clip_g, clip_g_params),
+        ids_g,
+        encoder_t5,
+        ids_t5,
+        t5_width=t5_width,
     )
 
 

@@ -1,0 +1,83 @@
+"""Sampling the eval prompts during training (`SampleEval`): a grid PNG per evaluation in WORKDIR/samples,
+the images in TensorBoard and the configured metrics (`eval.metrics`) in the logged row."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from d4k_jax import plots
+from d4k_jax import train_step as ts
+from d4k_jax.metrics import suite
+from d4k_jax.pipelines.base import Component, Pipeline
+from d4k_jax.sharding import Rules
+
+
+class SampleEval:
+    """Samples the eval prompts with the current parameters. The prompts (and the negative prompt, where the
+    pipeline uses one) are encoded once, before the text encoders are released; the batch is padded to a
+    multiple of the data-parallel devices, and the noise is fixed by the seed."""
+
+    def __init__(self, c: ml_collections.ConfigDict, pipe: Pipeline, rules: Rules, mesh, workdir: Path):
+        e = c.eval
+        self.c, self.pipe, self.module, self.rules, self.workdir = c, pipe, pipe.transformer.module, rules, workdir
+        ways = mesh.shape["data"] * mesh.shape["fsdp"]
+        self.prompts = list(e.prompts)
+        padded = self.prompts + self.prompts[-1:] * (-len(self.prompts) % ways)
+        self.kwargs = dict(
+            height=e.height,
+            width=e.width,
+            num_inference_steps=e.steps,
+            guidance_scale=e.guidance,
+            seed=c.seed,
+            prompt_embeds=pipe.encode_prompt(padded, e.max_sequence_length),
+        )
+        negative = pipe.negative_embeds(c.sample.negative_prompt, len(padded), e.guidance, e.max_sequence_length)
+        if negative is not None:
+            self.kwargs["negative_prompt_embeds"] = negative
+        self.padded = padded
+        names = [m for m in e.get("metrics", "").split(",") if m]
+        self.metrics = suite.Metrics(names, suite.Weights(**e.get("weights", {}))) if names else None
+        for name, reason in (self.metrics.not_computed if self.metrics else {}).items():
+            logging.warning("eval metric %s not computed: %s", name, reason)
+
+    def measure(self, images: np.ndarray) -> dict[str, float]:
+        """The configured metrics of one evaluation's samples, as eval_<name>; the ones not computed are left out."""
+        if self.metrics is None:
+            return {}
+        self.metrics.reset()
+        self.metrics.update(list(images), self.prompts)
+        return {f"eval_{k}": r["value"] for k, r in self.metrics.result().items() if "value" in r}
+
+    def __call__(self, params: Any) -> np.ndarray:
+        self.pipe.transformer = Component(self.module, params)
+        with nn.logical_axis_rules(self.rules):
+            images = self.pipe(self.padded, **self.kwargs)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils  # multi-process runs only
+
+            images = multihost_utils.process_allgather(images, tiled=True)
+        return np.asarray(jax.device_get(images))[: len(self.prompts)]
+
+    def hook(self, num_steps: int):
+        """The trainer hook: an evaluation every `eval.every` steps and at the last step."""
+
+        def run(step: int, state: ts.TrainState, writer) -> dict | None:
+            if step != num_steps and not (self.c.eval.every and step % self.c.eval.every == 0):
+                return None
+            t0 = time.perf_counter()
+            images = self(state.params)
+            writer.images(step, "samples", images)
+            if jax.process_index() == 0:
+                (self.workdir / "samples").mkdir(exist_ok=True)
+                plots.image_grid(images, self.workdir / "samples" / f"step_{step:06d}.png", 4, self.prompts)
+            return {"eval_seconds": time.perf_counter() - t0, **self.measure(images)}
+
+        return run
