@@ -3,13 +3,14 @@
 Generated images (GLCM Score, Compression Ratio, FID, CLIPScore, Aesthetics; captions from
 IMAGES/metadata.jsonl, which `d4k_jax.sample` writes):
   python -m d4k_jax.evaluate --images=OUT --reference=Aesthetic-4K/eval/size_2048/metadata.jsonl \
-      --metrics=glcm,cr,fid,clip,aesthetics --size=2048 --fid_weights=pt_inception-2015-12-05-6726825d.pth \
-      --clip=clip-vit-base-patch16 --aesthetic_head=sac+logos+ava1-l14-linearMSE.pth \
+      --metrics=glcm,cr,fid,clip,aesthetics --size=2048 --fid_weights=pt_inception-2015-12-05-6726825d.safetensors \
+      --clip=clip-vit-base-patch16 --aesthetic_head=sac+logos+ava1-l14-linearMSE.safetensors \
       --aesthetic_clip=clip-vit-large-patch14 --out=report.json
 VAE reconstruction (paper Table 2: rFID, NMSE, PSNR, SSIM, LPIPS) of a folder of real images:
   python -m d4k_jax.evaluate --images=DIR --vae=FLUX.1-dev/vae --stride=2 --size=4096 --fid_weights=... \
-      --lpips_backbone=vgg16-397923af.pth --lpips_heads=lpips/weights/v0.1/vgg.pth
-Metrics whose weights are not given are reported as not computed, with the reason.
+      --lpips_backbone=vgg16-397923af.safetensors --lpips_heads=lpips-vgg.safetensors
+Metrics whose weights are not given are reported as not computed, with the reason. The weights published as
+torch pickles (.pth) are converted once with `python -m conversion.pickled FILE.pth` (same tensor names).
 """
 
 from __future__ import annotations
@@ -262,13 +263,13 @@ if __name__ == "__main__":
     flags.DEFINE_integer("limit", 0, "use only the first N images (0: all)")
     flags.DEFINE_string("out", "eval_report.json", "JSON report (its folder is made if missing)")
     flags.DEFINE_string(
-        "fid_weights", "", "torch-fidelity's pt_inception-2015-12-05-6726825d.pth (or its .safetensors)"
+        "fid_weights", "", "torch-fidelity's pt_inception-2015-12-05-6726825d.pth, converted to .safetensors"
     )
     flags.DEFINE_string("clip", "", "CLIP ViT-B/16 transformers folder (CLIPScore)")
-    flags.DEFINE_string("aesthetic_head", "", "sac+logos+ava1-l14-linearMSE.pth")
+    flags.DEFINE_string("aesthetic_head", "", "sac+logos+ava1-l14-linearMSE.pth converted to .safetensors")
     flags.DEFINE_string("aesthetic_clip", "", "CLIP ViT-L/14 transformers folder (Aesthetics)")
-    flags.DEFINE_string("lpips_backbone", "", "torchvision vgg16 / alexnet state dict (LPIPS)")
-    flags.DEFINE_string("lpips_heads", "", "lpips v0.1 linear heads (lpips/weights/v0.1/vgg.pth)")
+    flags.DEFINE_string("lpips_backbone", "", "torchvision vgg16 / alexnet state dict as .safetensors (LPIPS)")
+    flags.DEFINE_string("lpips_heads", "", "lpips v0.1 linear heads (lpips/weights/v0.1/vgg.pth as .safetensors)")
     flags.DEFINE_string("lpips_net", "vgg", "vgg or alex")
     flags.DEFINE_string("vae", "", "VAE folder: run the reconstruction protocol on --images")
     flags.DEFINE_integer("stride", 2, "2: the F16 VAE of Diffusion-4K; 1: the stock F8 VAE")

@@ -216,8 +216,17 @@ def _job(name: str, ext: str) -> tuple[int | None, int]:
     return int(p), int(k)
 
 
-def load_pipeline(c: ml_collections.ConfigDict) -> base.Pipeline:
-    return pipeline_class(c.model).from_pretrained(c.pipeline, dtype=jnp.dtype(c.dtype), vae_stride=c.vae_stride)
+def load_pipeline(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> base.Pipeline:
+    """The config's pipeline. On a `mesh`, the transformer's parameters are read straight onto it:
+    replicated, or FSDP-sharded by their logical axes (`shard_params`; sharding.DEFAULT_RULES: "embed"
+    over `fsdp`) for a model that does not fit one device."""
+    opts = {}
+    if mesh is not None:
+        shard = c.get("shard_params", False)
+        opts["sharding"] = (mesh, sharding.DEFAULT_RULES) if shard else NamedSharding(mesh, PartitionSpec())
+    return pipeline_class(c.model).from_pretrained(
+        c.pipeline, dtype=jnp.dtype(c.dtype), vae_stride=c.vae_stride, **opts
+    )
 
 
 def run(c: ml_collections.ConfigDict, prompts_file: str, outdir: str) -> int:
@@ -237,10 +246,11 @@ def run(c: ml_collections.ConfigDict, prompts_file: str, outdir: str) -> int:
     if fresh and jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)
         files.write_text(out / SETTINGS, json.dumps(wanted, indent=2) + "\n")
-    pipe = load_pipeline(c)
+    pipe = load_pipeline(c, mesh)
+    # a no-op for the pipeline just loaded; a pipeline object reused from a run on another mesh moves here
+    pipe.transformer = pipe.transformer._replace(params=_place(pipe.transformer, mesh, c.get("shard_params", False)))
     data = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     replicated = NamedSharding(mesh, PartitionSpec())
-    pipe.transformer = pipe.transformer._replace(params=_place(pipe.transformer, mesh, c.get("shard_params", False)))
     pipe.vae = pipe.vae._replace(params=jax.device_put(pipe.vae.params, replicated))
     module = pipe.transformer.module
     shape = pipe.latent_shape(1, s.height, s.width)[1:]
@@ -280,8 +290,7 @@ def run(c: ml_collections.ConfigDict, prompts_file: str, outdir: str) -> int:
 
 
 def _place(component: base.Component, mesh, shard: bool):
-    """The transformer's params on the mesh: replicated, or FSDP-sharded by their logical axes
-    (sharding.DEFAULT_RULES: "embed" over `fsdp`) when the model does not fit one device."""
+    """The transformer's params on the mesh: replicated, or FSDP-sharded by their logical axes."""
     module, params = component
     if not shard:
         return jax.device_put(params, NamedSharding(mesh, PartitionSpec()))

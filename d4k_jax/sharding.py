@@ -13,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "sequence", "tensor")
@@ -101,6 +102,4 @@ def _lower(jitted, mesh, rules, args):
 def sync_processes(name: str) -> None:
     """Every process waits here until all have reached `name` (nothing to wait for with one process)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # multi-process runs only
-
         multihost_utils.sync_global_devices(name)

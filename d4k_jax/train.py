@@ -53,8 +53,13 @@ def run(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[dict]:
     logging.info("%d training images in %s; global batch %d on mesh %s", len(captions), data_dir, global_batch, mesh)
 
     dtype = jnp.dtype(c.dtype)
-    pipe = pipeline_class(c.model).from_pretrained(
-        path, dtype=dtype, vae_stride=c.vae_stride or None, param_dtype=jnp.dtype(c.param_dtype), remat=c.train.remat
+    pipe = pipeline_class(c.model).from_pretrained(  # the transformer read straight onto its train shardings
+        path,
+        dtype=dtype,
+        vae_stride=c.vae_stride or None,
+        param_dtype=jnp.dtype(c.param_dtype),
+        remat=c.train.remat,
+        sharding=(mesh, rules),
     )
     module, params = pipe.transformer
     pipe.transformer = base.Component(module, None)  # the trainer owns the params; SampleEval passes its own

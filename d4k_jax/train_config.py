@@ -23,9 +23,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
+import pywt
 from absl import logging
 
 from d4k_jax import train_step as ts
+from d4k_jax.data import aesthetic4k
+from d4k_jax.nn.stack import REMAT_POLICIES
+from d4k_jax.pipelines import pipeline_class
 from d4k_jax.sharding import MESH_AXES
 
 CHOICES = {  # field -> the values the training code implements
@@ -75,8 +80,6 @@ def validate(c: ml_collections.ConfigDict, workdir: str | Path, num_devices: int
 
 
 def _choice_problems(c) -> list[str]:
-    from d4k_jax.nn.stack import REMAT_POLICIES
-
     problems = []
     for field, allowed in {**CHOICES, "train.remat": tuple(REMAT_POLICIES)}.items():
         value = _get(c, field)
@@ -89,8 +92,6 @@ def _choice_problems(c) -> list[str]:
             ok = False
         if not ok:
             problems.append(f"{field}={c[field]!r}: expected a float dtype name (bfloat16, float16, float32)")
-    import pywt
-
     if c.loss.wavelet not in pywt.wavelist(kind="discrete"):
         problems.append(f"loss.wavelet={c.loss.wavelet!r}: expected a discrete wavelet name of pywt (e.g. 'haar')")
     weights, level = c.loss.subband_weights, c.loss.level
@@ -155,10 +156,10 @@ def _pipeline_problems(c) -> list[str]:
         return []  # reported above; the geometry depends on the model
     if c.vae_stride not in (0, None, 1, 2):
         return [f"vae_stride={c.vae_stride!r}: expected 1 (F8 VAE), 2 (F16 VAE) or 0 (as vae/config.json says)"]
-    from d4k_jax.sample import pipeline_geometry  # JSON only: no weights
-
     try:
-        factor, largest = pipeline_geometry(c.pipeline, c.model, c.vae_stride or None)
+        factor, largest = pipeline_class(c.model).geometry(
+            c.pipeline, c.vae_stride or None
+        )  # config.json only: no weights
     except (ValueError, OSError) as e:  # no such folder, no config.json, another model's transformer
         return [f"pipeline={c.pipeline}: {e}"]
     problems = []
@@ -178,8 +179,6 @@ def _pipeline_problems(c) -> list[str]:
 
 
 def _data_problems(c, workdir: Path) -> list[str]:
-    from d4k_jax.data import aesthetic4k
-
     d = c.data
     data_dir = Path(d.data_dir or workdir / "data")
     if (aesthetic4k.dataset_dir(data_dir, d.split) / "dataset_info.json").is_file() or d.demo_images:
@@ -275,8 +274,6 @@ def stored_config(workdir: str | Path) -> tuple[dict | None, int | None]:
     folder = Path(workdir) / "checkpoints"
     if not folder.is_dir():
         return None, None
-    import orbax.checkpoint as ocp
-
     with ocp.CheckpointManager(folder, options=ocp.CheckpointManagerOptions(create=False)) as manager:
         step = manager.latest_step()
         if step is None:

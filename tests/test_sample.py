@@ -29,7 +29,11 @@ def loaded_once():
     """One pipeline object per folder for the module: its compiled programs serve every rerun."""
     load, cache = sample.load_pipeline, {}
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(sample, "load_pipeline", lambda c: cache.get(c.pipeline) or cache.setdefault(c.pipeline, load(c)))
+        m.setattr(
+            sample,
+            "load_pipeline",
+            lambda c, mesh=None: cache.get(c.pipeline) or cache.setdefault(c.pipeline, load(c, mesh)),
+        )
         yield
 
 

@@ -22,6 +22,8 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
+from d4k_jax import sharding
+
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 Encode = Callable[[list[str]], tuple[Any, Any]]  # captions -> (text [b, T, D], pooled [b, P])
 
@@ -67,10 +69,7 @@ def build(
             logging.warning("text cache %s was made from other captions or settings: rebuilding", path)
             shutil.rmtree(path)
         _write(path, list(captions), encode, dtype, batch_size, want)
-    if jax.process_count() > 1:  # the others wait for process 0 (the cache must be on a shared filesystem)
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("text_cache")
+    sharding.sync_processes("text_cache")  # the others wait for process 0 (the cache must be on a shared filesystem)
     return TextCache(path)
 
 

@@ -56,7 +56,8 @@ class Aesthetics:
         dtype: Any = jnp.float32,
         batch_size: int = 32,
     ) -> Aesthetics:
-        """The head file (`sac+logos+ava1-l14-linearMSE.pth` or .safetensors) and a CLIP ViT-L/14 CLIPModel folder."""
+        """The head (`sac+logos+ava1-l14-linearMSE.pth` as safetensors: `python -m conversion.pickled`) and a CLIP
+        ViT-L/14 CLIPModel folder."""
         head_file = weights.require(
             head, "the LAION aesthetic predictor head (sac+logos+ava1-l14-linearMSE.pth)", "--aesthetic_head"
         )

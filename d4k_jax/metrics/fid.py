@@ -40,7 +40,8 @@ class InceptionFeatures:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike | None, *, dtype: Any = jnp.float32) -> InceptionFeatures:
-        """Load torch-fidelity's .pth (needs torch) or its safetensors export; MissingWeights if unset or absent."""
+        """Load torch-fidelity's weights as safetensors (`python -m conversion.pickled` converts its .pth once);
+        MissingWeights if unset or absent."""
         file = weights.require(path, WEIGHTS_NAME, WEIGHTS_FLAG)
 
         return cls(*load_inception(file, dtype=dtype))

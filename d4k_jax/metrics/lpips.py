@@ -3,7 +3,7 @@
 Inputs map to [-1, 1] as lpips' `im2tensor` does (x / 127.5 - 1). The weights are two files the user
 supplies (nothing is downloaded): the torchvision backbone (`vgg16-397923af.pth` /
 `alexnet-owt-7be5be79.pth`) and the lpips v0.1 heads (`lpips/weights/v0.1/{vgg,alex}.pth` inside the lpips
-pip package); either as .pth (read with torch, weights_only) or .safetensors with the same keys.
+pip package), each converted once to .safetensors with the same keys (`python -m conversion.pickled FILE.pth`).
 """
 
 from __future__ import annotations
