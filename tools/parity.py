@@ -89,7 +89,7 @@ def load(folder: Path, kind: str, dtype: str):
     import torch
     from diffusers import DiffusionPipeline
 
-    from d4k_jax.pipelines import FluxPipeline, SD3Pipeline
+    from d4k_jax.pipelines import pipeline_class
 
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -100,7 +100,7 @@ def load(folder: Path, kind: str, dtype: str):
             f"{folder}: diffusers cannot load this pipeline ({type(e).__name__}: {str(e)[:300]}); tools.parity "
             "needs a diffusers pipeline folder with safetensors weights (not a converted directory)"
         ) from e
-    ours = (FluxPipeline if kind == "flux" else SD3Pipeline).from_pretrained(folder, dtype=jnp.dtype(dtype))
+    ours = pipeline_class(kind).from_pretrained(folder, dtype=jnp.dtype(dtype))
     return ref, ours, device, tdtype
 
 
@@ -109,16 +109,11 @@ def compare(
 ) -> list[dict]:
     import torch
 
-    from d4k_jax.pipelines import base
-
     kind = check_folder(folder)
     ref, ours, device, tdtype = load(folder, kind, dtype)
     flux = kind == "flux"
     vae = ours.vae.module
-    module = ours.transformer.module
-    c = module.config.latent_channels if flux else module.config.in_channels
-    patch = 2 if flux else module.config.patch_size
-    _, h, w, _ = base.latent_shape(1, height, width, patch * vae.config.downsample_factor, c)  # or a named error
+    _, h, w, c = ours.latent_shape(1, height, width)  # or a named error
     rng = np.random.default_rng(0)
     s = SimpleNamespace(
         ref=ref,
