@@ -77,6 +77,7 @@ class Trainer:
         self.state_sharding = train_state.shardings_of(abstract)
         self.param_sharding = self.state_sharding.params
         self.data_sharding = train_state.data_sharding(mesh)
+        vae_module, vae_params = vae if vae else (None, None)  # a pipeline Component, or any (module, params) pair
         self._step = train_state.make_train_step(
             model,
             tx,
@@ -84,7 +85,7 @@ class Trainer:
             mesh,
             rules,
             self.state_sharding,
-            vae=vae[0] if vae else None,
+            vae=vae_module,
             microbatches=microbatches,
             encode_passes=encode_passes,
             trainable=trainable,
@@ -92,7 +93,7 @@ class Trainer:
         )
         self.state = train_state.init_train_state(params, tx, abstract)
         replicated = train_state.replicated(mesh)
-        self.vae, self.vae_params = (vae[0], jax.device_put(vae[1], replicated)) if vae else (None, None)
+        self.vae, self.vae_params = vae_module, None if vae_params is None else jax.device_put(vae_params, replicated)
 
     def fit(
         self,
