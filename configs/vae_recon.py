@@ -8,6 +8,8 @@ from pathlib import Path
 
 import ml_collections
 
+from d4k_jax import distributed
+
 DEMO_VAE = str(Path(__file__).resolve().parent.parent / "d4k_jax" / "data" / "demo_pipeline" / "vae")
 
 
@@ -25,6 +27,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sample_posterior = False  # decode the posterior mean (False) or a sample (True)
     # rows of every activation are split over the devices; every axis is listed so that each can be overridden
     c.mesh = {"data": 1, "fsdp": 1, "sequence": -1, "tensor": 1}
+    c.distributed = ml_collections.ConfigDict(distributed.DEFAULTS)  # several processes: d4k_jax/distributed.py
     c.random_vae = ml_collections.ConfigDict(
         {"enabled": False, "block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "norm_num_groups": 32}
     )

@@ -32,6 +32,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     NotADirectoryError,
     IsADirectoryError,
     PermissionError,
+    ConnectionError,  # d4k_jax.distributed: a coordinator that does not answer
 )
 _DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 _OURS = tuple(str(Path(__file__).resolve().parent.parent / name) for name in ("d4k_jax", "conversion", "tools"))

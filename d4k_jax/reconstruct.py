@@ -23,7 +23,7 @@ from ml_collections import config_flags
 from PIL import Image
 from tqdm import tqdm
 
-from d4k_jax import cli, files, sharding
+from d4k_jax import cli, distributed, files, sharding
 from d4k_jax.data.demo import demo_examples
 from d4k_jax.io import load_component, load_config
 from d4k_jax.metrics import recon
@@ -166,6 +166,7 @@ def _save(image: np.ndarray, path: Path) -> None:
 
 def main(argv):
     del argv
+    distributed.initialize(_CONFIG.value.get("distributed"))  # before anything touches a device
     run(_CONFIG.value, _WORKDIR.value)
 
 

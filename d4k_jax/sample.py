@@ -34,7 +34,7 @@ from ml_collections import config_flags
 from PIL import Image
 from tqdm import tqdm
 
-from d4k_jax import cli, files, sharding
+from d4k_jax import cli, distributed, files, sharding
 from d4k_jax.io import kind_of_module
 from d4k_jax.pipelines import PIPELINES, base, pipeline_class
 
@@ -313,10 +313,9 @@ def _append_line(path: Path, line: str) -> None:
 
 def main(argv):
     del argv
-    if _CONFIG.value is not None and _CONFIG.value.get("distributed", False):
-        jax.distributed.initialize()  # multi-host: coordinator and process ids from the environment
     if _CONFIG.value is None:
         raise app.UsageError("--config is required (configs/flux_wlf.py or configs/sd3_wlf.py)")
+    distributed.initialize(_CONFIG.value.get("distributed"))  # before anything touches a device
     n = run(_CONFIG.value, _PROMPTS.value, _OUTDIR.value)
     logging.info("wrote %d images to %s", n, _OUTDIR.value)
 

@@ -27,7 +27,7 @@ import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
-from d4k_jax import checkpoint, cli, files, sharding, train_config
+from d4k_jax import checkpoint, cli, distributed, files, sharding, train_config
 from d4k_jax import train_step as ts
 from d4k_jax.data import input_pipeline, text_cache
 from d4k_jax.data.prepare import prepare_data
@@ -152,8 +152,7 @@ def _axes(axes):
 def main(argv) -> None:
     del argv
     c = _CONFIG.value
-    if c.get("distributed", False):
-        jax.distributed.initialize()  # multi-host: coordinator and process ids from the environment
+    distributed.initialize(c.get("distributed"))  # before anything touches a device
     rows = run(c, _WORKDIR.value)
     if rows:
         logging.info("last logged step %d: loss %.4f", rows[-1]["step"], rows[-1]["loss"])
