@@ -63,6 +63,33 @@ class _KeyedSource(grain.RandomAccessDataSource):
         return f"Aesthetic4k(split={self._args[1]!r}, records={len(self)})"
 
 
+_ENDLESS = 2**48  # rows of a stream that repeats forever (num_epochs=None)
+
+
+class _ProcessRows(grain.RandomAccessDataSource):
+    """Process p's rows of the one-process record stream: its row k is position (k // b) B + p b + k % b of
+    `order` (the unsharded sampler), so that the global batches (every process's rows, in process order) hold
+    the same records in the same places as on one process."""
+
+    def __init__(self, source: _KeyedSource, order: grain.IndexSampler, global_batch: int, process: tuple[int, int]):
+        self.source, self.order, self.global_batch = source, order, global_batch
+        self.index, count = process
+        self.batch = global_batch // count
+        epochs = order._num_epochs
+        self.rows = (epochs * len(source)) // global_batch * self.batch if epochs else _ENDLESS
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        position = (k // self.batch) * self.global_batch + self.index * self.batch + k % self.batch
+        meta = self.order[position]
+        return {**self.source[meta.record_key], "rng": meta.rng}  # the crop's randomness of that position
+
+    def __repr__(self) -> str:  # grain checks it against saved states
+        return f"{self.source!r}, process {self.index}'s {self.batch} rows of each batch of {self.global_batch}"
+
+
 def resize_shorter(image: Image.Image, size: int) -> Image.Image:
     """Bilinear resize so that the shorter side is `size`; the longer one is truncated as torchvision does."""
     w, h = image.size
@@ -86,6 +113,7 @@ class RandomCropFlip(grain.RandomMapTransform):
     skipped: list[int] = dataclasses.field(default_factory=list)  # keys, in this process only
 
     def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        rng = element.pop("rng", rng)  # _ProcessRows: the one-process stream's generator for this record
         key = int(element["key"])
         try:
             image = resize_shorter(Image.open(io.BytesIO(element["image"])).convert("RGB"), self.resolution)
@@ -143,9 +171,12 @@ def make_loader(
 ) -> Loader:
     """Iterator of {"image": float32 [b, S, S, 3] in [-1, 1], "key": int32 [b]}, b = global_batch_size / processes.
 
-    Each process reads its own disjoint shard of the records (equal-sized, remainder dropped) and drops incomplete
-    batches; `num_epochs=None` repeats forever. With `worker_count` > 0 grain batches within each worker, so the
-    stream depends on `worker_count` and a saved state only restores into a loader with the same one.
+    The record order is one process's: with several, each reads its rows of every global batch (`_ProcessRows`),
+    so batch i holds the same records in the same places on any number of processes (a one-process run reads
+    the sampler directly, as checkpoints written before this expect); incomplete batches are dropped;
+    `num_epochs=None` repeats forever. With `worker_count` > 0 grain batches within each worker, so the stream
+    depends on `worker_count`, and a saved state restores only into a loader with the same one and the same
+    number of processes.
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
@@ -154,8 +185,12 @@ def make_loader(
     if worker_count and not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags; outside app.run take the defaults
     source = _KeyedSource(data_dir, split)
-    shard = grain.ShardOptions(shard_index=process_index, shard_count=process_count, drop_remainder=True)
+    batch = global_batch_size // process_count
+    shard = grain.ShardOptions(shard_index=0, shard_count=1, drop_remainder=True)
     sampler = grain.IndexSampler(len(source), shard, shuffle=shuffle, num_epochs=num_epochs, seed=seed)
+    if process_count > 1:  # one record order for the run; each process reads its rows of every global batch
+        source = _ProcessRows(source, sampler, global_batch_size, (process_index, process_count))
+        sampler = grain.IndexSampler(len(source), shard, shuffle=False, num_epochs=1, seed=seed)
     transform = RandomCropFlip(resolution)
     batch = global_batch_size // process_count
     loader = grain.DataLoader(
