@@ -35,7 +35,6 @@ from PIL import Image
 from tqdm import tqdm
 
 from d4k_jax import cli, distributed, files, sharding
-from d4k_jax.io import kind_of_module
 from d4k_jax.pipelines import PIPELINES, base, pipeline_class
 
 SETTINGS = "settings.json"
@@ -247,8 +246,6 @@ def run(c: ml_collections.ConfigDict, prompts_file: str, outdir: str) -> int:
         out.mkdir(parents=True, exist_ok=True)
         files.write_text(out / SETTINGS, json.dumps(wanted, indent=2) + "\n")
     pipe = load_pipeline(c, mesh)
-    # a no-op for the pipeline just loaded; a pipeline object reused from a run on another mesh moves here
-    pipe.transformer = pipe.transformer._replace(params=_place(pipe.transformer, mesh, c.get("shard_params", False)))
     data = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     replicated = NamedSharding(mesh, PartitionSpec())
     pipe.vae = pipe.vae._replace(params=jax.device_put(pipe.vae.params, replicated))
@@ -287,15 +284,6 @@ def run(c: ml_collections.ConfigDict, prompts_file: str, outdir: str) -> int:
             bar.update(len(chunk))
             bar.set_postfix(img_per_s=f"{len(chunk) / (time.perf_counter() - t0):.2f}")
     return written
-
-
-def _place(component: base.Component, mesh, shard: bool):
-    """The transformer's params on the mesh: replicated, or FSDP-sharded by their logical axes."""
-    module, params = component
-    if not shard:
-        return jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
-    abstract = jax.eval_shape(module.init, jax.random.key(0), *kind_of_module(module).init_inputs(module.config))
-    return jax.device_put(params, sharding.params_sharding(mesh, sharding.DEFAULT_RULES, abstract)["params"])
 
 
 def _save(image: np.ndarray, path: Path, fmt: str) -> None:

@@ -26,14 +26,18 @@ def pipes(tmp_path_factory):
 
 @pytest.fixture(scope="module", autouse=True)
 def loaded_once():
-    """One pipeline object per folder for the module: its compiled programs serve every rerun."""
+    """One pipeline object per folder and parameter layout (the transformer is loaded onto the run's mesh) for
+    the module: its compiled programs serve every rerun."""
     load, cache = sample.load_pipeline, {}
+
+    def cached(c, mesh=None):
+        key = (c.pipeline, None if mesh is None else (str(mesh), tuple(d.id for d in mesh.devices.flat)), c.shard_params)
+        if key not in cache:
+            cache[key] = load(c, mesh)
+        return cache[key]
+
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(
-            sample,
-            "load_pipeline",
-            lambda c, mesh=None: cache.get(c.pipeline) or cache.setdefault(c.pipeline, load(c, mesh)),
-        )
+        m.setattr(sample, "load_pipeline", cached)
         yield
 
 
