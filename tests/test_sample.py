@@ -31,7 +31,8 @@ def loaded_once():
     load, cache = sample.load_pipeline, {}
 
     def cached(c, mesh=None):
-        key = (c.pipeline, None if mesh is None else (str(mesh), tuple(d.id for d in mesh.devices.flat)), c.shard_params)
+        devices = None if mesh is None else (str(mesh), tuple(d.id for d in mesh.devices.flat))
+        key = (c.pipeline, devices, c.shard_params)
         if key not in cache:
             cache[key] = load(c, mesh)
         return cache[key]
