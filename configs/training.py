@@ -41,6 +41,10 @@ def add_training(c: ml_collections.ConfigDict, arg: str | None) -> ml_collection
             steps=20_000,
             batch_size=PER_DEVICE_BATCH[model],  # per device; global = this x data x fsdp devices
             mesh={"data": 1, "fsdp": -1, "sequence": 1, "tensor": 1},  # FSDP over every device; all axes listed
+            # axes spread across hosts (GPU) / slices (TPU), the slower network: there `mesh` is one host's mesh
+            # and axis a has mesh[a] x mesh_dcn[a] devices (sharding.make_mesh). Default: data parallel across
+            # hosts, FSDP within each; one host: no effect. -1: the rest of the hosts
+            mesh_dcn={"data": -1, "fsdp": 1, "sequence": 1, "tensor": 1},
             # logical axis -> mesh axes, e.g. (("batch", ("data", "fsdp")), ("embed", "fsdp"), ...); None:
             # d4k_jax.sharding.DEFAULT_RULES (batch over data x fsdp, params' embed axis over fsdp)
             rules=ml_collections.config_dict.placeholder(tuple),

@@ -13,7 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "sequence", "tensor")
@@ -37,20 +37,71 @@ DEFAULT_RULES: Rules = (
 )
 
 
-def make_mesh(shape: dict[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh over `devices` (default: all) with axes MESH_AXES; one size may be -1 (the rest)."""
+def make_mesh(
+    shape: dict[str, int] | None = None,
+    devices: Sequence[jax.Device] | None = None,
+    dcn: dict[str, int] | None = None,
+) -> Mesh:
+    """A mesh over `devices` (default: all) with axes MESH_AXES; one size may be -1 (the rest).
+
+    `dcn` spreads axes over granules, the units joined by the slower network (hosts of a GPU cluster, slices
+    of a TPU pod; see `granules`): dcn[a] ways of axis a go across granules and `shape` is then the mesh
+    within one granule (axis a has shape[a] x dcn[a] devices in all, as MaxText's ici_* x dcn_*). One dcn
+    size may be -1 (the rest of the granules). When the dcn sizes multiply to 1 (one granule, or dcn={}),
+    `shape` covers every device, as without `dcn`.
+    """
     devices = list(devices or jax.devices())
-    sizes = {a: 1 for a in MESH_AXES} | dict(shape or {"data": -1})
-    unknown = set(sizes) - set(MESH_AXES)
-    if unknown:
-        raise ValueError(f"unknown mesh axes {sorted(unknown)}; the axes are {MESH_AXES}")
-    fixed = int(np.prod([s for s in sizes.values() if s != -1]))
-    sizes = {a: (len(devices) // fixed if s == -1 else s) for a, s in sizes.items()}
-    if int(np.prod(list(sizes.values()))) != len(devices):
-        raise ValueError(f"mesh {sizes} needs {int(np.prod(list(sizes.values())))} devices, have {len(devices)}")
-    return jax.make_mesh(
-        tuple(sizes[a] for a in MESH_AXES), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+    groups = granules(devices)
+    ici, across = resolve_mesh(shape or {"data": -1}, dcn or {}, len(devices), len(groups))
+    if int(np.prod(list(across.values()))) == 1:
+        return jax.make_mesh(
+            tuple(ici[a] for a in MESH_AXES), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+        )
+    array = mesh_utils.create_hybrid_device_mesh(
+        [ici[a] for a in MESH_AXES],
+        [across[a] for a in MESH_AXES],
+        devices,
+        process_is_granule=granule_attribute(devices) == "process_index",
     )
+    return Mesh(array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def granule_attribute(devices: Sequence[jax.Device]) -> str:
+    """What makes a granule: TPU slices (`slice_index`), else processes (one per host on GPU clusters)."""
+    return "slice_index" if devices[0].platform == "tpu" else "process_index"  # CPU devices have slice_index 0
+
+
+def granules(devices: Sequence[jax.Device]) -> list[list[jax.Device]]:
+    """`devices` grouped by granule (see granule_attribute), in granule order."""
+    attr, groups = granule_attribute(devices), {}
+    for d in devices:
+        groups.setdefault(getattr(d, attr), []).append(d)
+    return [groups[k] for k in sorted(groups)]
+
+
+def resolve_mesh(
+    shape: dict[str, int], dcn: dict[str, int], num_devices: int, num_granules: int
+) -> tuple[dict[str, int], dict[str, int]]:
+    """(sizes within a granule, sizes across granules) of every axis, each -1 resolved; a ValueError names
+    what does not fit. With one granule's worth of dcn (sizes multiplying to 1), `shape` covers all devices."""
+    for name, sizes in (("mesh", shape), ("mesh dcn", dcn)):
+        unknown = set(sizes) - set(MESH_AXES)
+        if unknown:
+            raise ValueError(f"unknown {name} axes {sorted(unknown)}; the axes are {MESH_AXES}")
+    spans_granules = any(v != 1 for v in dcn.values())  # else one mesh over every device, even on several hosts
+    across = _resolved(dcn, num_granules, "hosts / slices") if spans_granules else _resolved({}, 1, "")
+    ways = int(np.prod(list(across.values())))
+    return _resolved(shape, num_devices // ways, "devices" if ways == 1 else "devices per granule"), across
+
+
+def _resolved(sizes: dict[str, int], total: int, what: str) -> dict[str, int]:
+    sizes = {a: 1 for a in MESH_AXES} | dict(sizes)
+    fixed = int(np.prod([s for s in sizes.values() if s != -1]))
+    sizes = {a: (total // fixed if s == -1 else s) for a, s in sizes.items()}
+    if int(np.prod(list(sizes.values()))) != total:
+        need = int(np.prod(list(sizes.values())))
+        raise ValueError(f"mesh {sizes} needs {need} {what}, have {total}: expected sizes whose product is {total}")
+    return sizes
 
 
 def logical_sharding(mesh: Mesh, rules: Rules, axes: Sequence[str | None]) -> NamedSharding:

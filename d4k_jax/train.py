@@ -44,7 +44,7 @@ def run(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[dict]:
     workdir = Path(workdir).absolute()
     stored = _check_and_record(c, workdir)  # before anything is loaded
     path = base.pipeline_dir(c.pipeline)
-    mesh = sharding.make_mesh(dict(c.train.mesh))
+    mesh = sharding.make_mesh(dict(c.train.mesh), dcn=dict(c.train.mesh_dcn))
     rules = tuple((name, _axes(axes)) for name, axes in c.train.rules) if c.train.rules else sharding.DEFAULT_RULES
     global_batch = c.train.batch_size * mesh.shape["data"] * mesh.shape["fsdp"]
 
@@ -104,8 +104,9 @@ def run(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[dict]:
 def _check_and_record(c: ml_collections.ConfigDict, workdir: Path) -> dict:
     """The config as stored, once it is valid and may resume what WORKDIR holds; written to
     WORKDIR/config.json, with the eval prompts in WORKDIR/eval_prompts.txt (for d4k_jax.sample)."""
-    train_config.validate(c, workdir, jax.device_count())
-    stored = train_config.as_stored(c, jax.device_count())
+    granules = len(sharding.granules(jax.devices()))  # hosts (GPU) or slices (TPU): train.mesh_dcn spans them
+    train_config.validate(c, workdir, jax.device_count(), granules)
+    stored = train_config.as_stored(c, jax.device_count(), granules)
     train_config.check_resume(stored, workdir, jax.device_count())  # a refused config leaves config.json as it was
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:

@@ -31,7 +31,7 @@ from d4k_jax import train_step as ts
 from d4k_jax.data import aesthetic4k
 from d4k_jax.nn.stack import REMAT_POLICIES
 from d4k_jax.pipelines import pipeline_class
-from d4k_jax.sharding import MESH_AXES
+from d4k_jax.sharding import MESH_AXES, resolve_mesh
 
 CHOICES = {  # field -> the values the training code implements
     "model": ("flux", "sd3"),
@@ -46,6 +46,7 @@ CHOICES = {  # field -> the values the training code implements
 RESUMABLE = {
     "train.steps": "extends the run; refused when it moves the lr of steps already trained (a cosine horizon)",
     "train.mesh": "the layout of the same step; refused when the global batch (batch_size x data x fsdp) changes",
+    "train.mesh_dcn": "the layout of the same step across hosts (see train.mesh)",
     "train.rules": "the layout of the same step",
     "train.microbatches": "gradient accumulation: the same gradient in fewer images per pass",
     "train.encode_passes": "the same VAE encode in fewer images per pass",
@@ -70,9 +71,11 @@ RESUMABLE = {
 ABSENT = "<absent>"
 
 
-def validate(c: ml_collections.ConfigDict, workdir: str | Path, num_devices: int) -> None:
-    """Raise one ValueError listing everything wrong with the training config `c` (see the module doc)."""
-    problems = [*_choice_problems(c), *_number_problems(c), *mesh_problems(c.train.mesh, num_devices)]
+def validate(c: ml_collections.ConfigDict, workdir: str | Path, num_devices: int, num_granules: int = 1) -> None:
+    """Raise one ValueError listing everything wrong with the training config `c` (see the module doc);
+    `num_granules`: the hosts (GPU) or slices (TPU) the devices are in (sharding.granules)."""
+    mesh = mesh_problems(c.train.mesh, num_devices, dcn=c.train.get("mesh_dcn"), num_granules=num_granules)
+    problems = [*_choice_problems(c), *_number_problems(c), *mesh]
     problems += _pipeline_problems(c) + _data_problems(c, Path(workdir))
     if problems:  # one line (the CLI's `error:` line), the problems in the order of the checks
         listed = "; ".join(problems)
@@ -124,27 +127,46 @@ def _number_problems(c) -> list[str]:
     return problems
 
 
-def mesh_sizes(mesh: Mapping[str, Any], num_devices: int) -> dict[str, int]:
-    """The mesh's four axis sizes with a -1 resolved to the rest of the devices (see mesh_problems)."""
-    sizes = {a: 1 for a in MESH_AXES} | dict(mesh)
-    fixed = int(np.prod([s for s in sizes.values() if s != -1]))
-    return {a: (num_devices // fixed if s == -1 else s) for a, s in sizes.items()}
+def mesh_sizes(
+    mesh: Mapping[str, Any], num_devices: int, dcn: Mapping[str, int] | None = None, num_granules: int = 1
+) -> dict[str, int]:
+    """The mesh's four axis sizes in all (within x across granules, see sharding.make_mesh), each -1 resolved
+    to the rest (of the granules, then of the devices per granule); not checked (see mesh_problems)."""
+
+    def filled(sizes: Mapping[str, int], total: int) -> dict[str, int]:
+        sizes = {a: 1 for a in MESH_AXES} | dict(sizes)
+        fixed = int(np.prod([s for s in sizes.values() if s != -1]))
+        return {a: (total // fixed if s == -1 else s) for a, s in sizes.items()}
+
+    across = filled(dcn or {}, num_granules)
+    within = filled(mesh, num_devices // int(np.prod(list(across.values()))))
+    return {a: within[a] * across[a] for a in MESH_AXES}
 
 
-def mesh_problems(mesh: Mapping[str, Any], num_devices: int, field: str = "train.mesh") -> list[str]:
-    mesh = dict(mesh)
-    unknown = sorted(set(mesh) - set(MESH_AXES))
-    if unknown:
-        return [f"{field} has unknown axes {unknown}: expected axes among {list(MESH_AXES)}"]
-    bad = {a: s for a, s in mesh.items() if not isinstance(s, int) or (s < 1 and s != -1)}
-    if bad or list(mesh.values()).count(-1) > 1:
-        return [f"{field}={mesh}: expected positive sizes, with at most one -1 (the rest of the devices)"]
-    fixed = int(np.prod([s for s in mesh.values() if s != -1]))
-    if (-1 in mesh.values() and num_devices % fixed) or (-1 not in mesh.values() and fixed != num_devices):
-        return [
-            f"{field}={mesh} does not fit {num_devices} device(s): expected sizes whose product is "
-            f"{num_devices} (one may be -1: the rest)"
-        ]
+def mesh_problems(
+    mesh: Mapping[str, Any],
+    num_devices: int,
+    field: str = "train.mesh",
+    dcn: Mapping[str, Any] | None = None,
+    num_granules: int = 1,
+) -> list[str]:
+    """What is wrong with a mesh (and its dcn part, `field`_dcn) on `num_devices` in `num_granules` granules."""
+    problems = []
+    for name, sizes, rest in ((field, dict(mesh), "devices"), (f"{field}_dcn", dict(dcn or {}), "granules")):
+        unknown = sorted(set(sizes) - set(MESH_AXES))
+        bad = {a: s for a, s in sizes.items() if not isinstance(s, int) or (s < 1 and s != -1)}
+        if unknown:
+            problems.append(f"{name} has unknown axes {unknown}: expected axes among {list(MESH_AXES)}")
+        elif bad or list(sizes.values()).count(-1) > 1:
+            problems.append(f"{name}={sizes}: expected positive sizes, with at most one -1 (the rest of the {rest})")
+    if problems:
+        return problems
+    try:
+        resolve_mesh(dict(mesh), dict(dcn or {}), num_devices, num_granules)
+    except ValueError as e:
+        where = f"{num_devices} device(s)" + (f" in {num_granules} hosts / slices" if num_granules > 1 else "")
+        given = f"{field}={dict(mesh)}" + (f" with {field}_dcn={dict(dcn)}" if dcn else "")
+        return [f"{given} does not fit {where}: {e} (one size may be -1: the rest)"]
     return []
 
 
@@ -205,12 +227,13 @@ def _get(c, field: str) -> Any:
 # Resume
 
 
-def as_stored(c: ml_collections.ConfigDict, num_devices: int) -> dict:
+def as_stored(c: ml_collections.ConfigDict, num_devices: int, num_granules: int = 1) -> dict:
     """The run's config as WORKDIR/config.json and the checkpoints keep it: JSON, with train.mesh resolved
     to the sizes it ran with (so that a rerun on another device count shows as a change of global batch)
     and the folders made absolute (so that the same folder named from another directory is no change)."""
     stored = json.loads(c.to_json_best_effort())
-    stored["train"]["mesh"] = mesh_sizes(c.train.mesh, num_devices)
+    ici, dcn = resolve_mesh(dict(c.train.mesh), dict(c.train.get("mesh_dcn") or {}), num_devices, num_granules)
+    stored["train"]["mesh"], stored["train"]["mesh_dcn"] = ici, dcn
     for node, key in ((stored, "pipeline"), (stored["data"], "folder"), (stored["data"], "data_dir")):
         if node.get(key):
             node[key] = os.path.abspath(node[key])
@@ -249,7 +272,10 @@ def refused_changes(old: Mapping, new: Mapping, step: int, num_devices: int) -> 
 
 
 def global_batch(config: Mapping, num_devices: int) -> int:
-    sizes = mesh_sizes(config["train"]["mesh"], num_devices)
+    t = config["train"]  # a stored config's meshes are resolved; older ones have no mesh_dcn
+    sizes = mesh_sizes(
+        t["mesh"], num_devices, t.get("mesh_dcn"), int(np.prod(list((t.get("mesh_dcn") or {}).values())))
+    )
     return config["train"]["batch_size"] * sizes["data"] * sizes["fsdp"]
 
 

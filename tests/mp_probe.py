@@ -22,6 +22,11 @@ def main(argv: list[str]) -> None:
     x = jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec("data")), local)
     total = float(jax.jit(lambda a: a.sum())(x))
     print(f"process {jax.process_index()}/{jax.process_count()} devices {jax.device_count()} sum {total}", flush=True)
+    from d4k_jax import sharding
+
+    hybrid = sharding.make_mesh({"fsdp": -1}, dcn={"data": -1})  # data across the processes, fsdp within each
+    rows = [sorted({d.process_index for d in row.flat}) for row in hybrid.devices]
+    print(f"process {jax.process_index()} hybrid {dict(hybrid.shape)} rows {rows}", flush=True)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ def test_two_processes_of_four_devices_are_one_run_of_eight():
     assert out.returncode == 0, out.stdout + out.stderr
     lines = sorted(re.findall(r"\[(\d)\] process (\d)/2 devices (\d+) sum ([\d.]+)", out.stdout))
     assert lines == [("0", "0", "8", "28.0"), ("1", "1", "8", "28.0")], out.stdout  # 0 + 1 + ... + 7
+    hybrid = "hybrid {'data': 2, 'fsdp': 4, 'sequence': 1, 'tensor': 1} rows [[0], [1]]"
+    assert out.stdout.count(hybrid) == 2, out.stdout  # sharding.make_mesh's dcn: one row of the data axis per host
 
 
 def test_one_failed_process_stops_the_run():

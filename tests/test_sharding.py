@@ -34,6 +34,10 @@ def test_mesh_shapes():
         sharding.make_mesh({"data": 3, "sequence": 4})
     with pytest.raises(ValueError, match="unknown mesh axes"):
         sharding.make_mesh({"model": 8})
+    # one process is one granule: the default dcn (data across hosts) changes nothing, more is refused
+    assert sharding.make_mesh({"fsdp": -1}, dcn={"data": -1}).devices.shape == (1, 8, 1, 1)
+    with pytest.raises(ValueError, match="needs 2 hosts / slices, have 1"):
+        sharding.make_mesh({"fsdp": -1}, dcn={"data": 2})
 
 
 @pytest.mark.parametrize("method", ["decode", "encode"])
