@@ -1,6 +1,7 @@
 """One training step of Diffusion-4K fine-tuning: noise levels, the velocity prediction, the WLF loss, AdamW.
 
-A batch holds either images `image` [B, H, W, 3] in [-1, 1], which the frozen VAE encodes inside the
+A batch holds either images `image` [B, H, W, 3] (uint8 as the loader ships them, or floats in [-1, 1]; see
+`to_unit_range`), which the frozen VAE encodes inside the
 step (a posterior sample, as the reference trains), or precomputed normalised latents `x0` [B, h, w, C];
 plus text states `text` [B, T, D] and pooled text `pooled` [B, P] from the text-embedding cache. The step
 draws sigma, noise and the posterior sample from a key folded with the step number, so the same seed gives
@@ -20,6 +21,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import traverse_util
 
@@ -129,10 +131,23 @@ def loss_and_grads(model: nn.Module, params, frozen, inputs: dict, cfg: LossConf
     return jax.value_and_grad(fn)(params)
 
 
+# x / 127.5 - 1 for every uint8 value, computed in float32 on the host: XLA turns a division by a constant
+# into a multiplication by its reciprocal, which rounds differently for some values; a table lookup is exact.
+_UNIT_RANGE = np.arange(256, dtype=np.float32) / np.float32(127.5) - np.float32(1)
+
+
+def to_unit_range(images: jax.Array) -> jax.Array:
+    """uint8 pixels -> float32 in [-1, 1], x / 127.5 - 1 as the host computes it (REFERENCE.md §3);
+    floating images are taken as already in [-1, 1]."""
+    if images.dtype == jnp.uint8:
+        return jnp.asarray(_UNIT_RANGE)[images]
+    return images
+
+
 def encode_images(
     vae: AutoencoderKL, vae_params: Any, images: jax.Array, key: jax.Array, *, passes: int = 1, use_shift: bool = True
 ) -> jax.Array:
-    """Frozen VAE: images [B, H, W, 3] in [-1, 1] -> normalised posterior-sample latents [B, h, w, C].
+    """Frozen VAE: images [B, H, W, 3] (uint8, or in [-1, 1]) -> normalised posterior-sample latents [B, h, w, C].
 
     `passes` > 1 encodes the batch in that many sequential passes (pass j takes images j, j + passes, ...,
     so a data-sharded batch stays balanced over the devices): at 4096² the encoder's activations, not the
@@ -146,7 +161,8 @@ def encode_images(
     eps = jax.random.normal(key, shape, jnp.float32)  # drawn whole: the sample does not depend on `passes`
 
     def encode(x, e):
-        mean, logvar = vae.apply({"params": vae_params}, x.astype(vae.dtype), method="encode")
+        x = to_unit_range(x).astype(vae.dtype)  # per pass: only one pass's images are ever floats
+        mean, logvar = vae.apply({"params": vae_params}, x, method="encode")
         z = mean.astype(jnp.float32) + jnp.exp(0.5 * logvar.astype(jnp.float32)) * e
         return normalize_latents(z, vae.config, use_shift=use_shift)
 

@@ -231,6 +231,22 @@ def test_encode_images_is_a_normalised_posterior_sample_whatever_the_passes():
     np.testing.assert_allclose(quirk - one, vae.config.shift_factor * vae.config.scaling_factor, atol=1e-5)
 
 
+def test_uint8_images_are_normalised_on_the_device_as_on_the_host():
+    """The loader ships uint8; the step's x / 127.5 - 1 equals numpy's float32 one for every value (bit for
+    bit), so encoding uint8 pixels is encoding the host-normalised floats, in one pass or several (up to the
+    fusion of the two programs)."""
+    pixels = np.arange(256, dtype=np.uint8)
+    host = pixels.astype(np.float32) / np.float32(127.5) - np.float32(1)
+    np.testing.assert_array_equal(np.asarray(jax.jit(ts.to_unit_range)(pixels)), host)
+    vae, params = _tiny_vae()
+    images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    floats = images.astype(np.float32) / np.float32(127.5) - np.float32(1)
+    key = jax.random.key(3)
+    for passes in (1, 2):
+        encode = jax.jit(lambda x, p=passes: ts.encode_images(vae, params, x, key, passes=p))
+        assert rel_err(encode(images), encode(floats)) < 1e-6
+
+
 def test_image_batches_and_microbatches_give_the_one_pass_step(tmp_path):
     """Images encoded inside the step, gradients accumulated over 2 microbatches: the same update."""
     module, params = load_component(save_component(make_flux(seed=4), tmp_path / "flux"))

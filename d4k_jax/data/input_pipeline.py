@@ -1,7 +1,10 @@
-"""grain input pipeline over `aesthetic4k.build` datasets: square crops in [-1, 1] keyed by record index.
+"""grain input pipeline over `aesthetic4k.build` datasets: square uint8 crops keyed by record index.
 
 Per record (REFERENCE.md §3): decode -> RGB -> bilinear resize of the shorter side to S (torchvision's
-`Resize(S)` sizes, upsampling small images) -> random S x S crop -> horizontal flip p=0.5 -> x / 127.5 - 1.
+`Resize(S)` sizes, upsampling small images) -> random S x S crop -> horizontal flip p=0.5. The crops stay
+uint8 on the host and on their way to the device (a 4096² crop is 50 MB, not 201 MB as float32): the train
+step maps them to [-1, 1] there (`train_step.to_unit_range`, x / 127.5 - 1 in float32, bit-identical to
+doing it here).
 Crop and flip come from grain's per-record RNG, so a given (seed, epoch, position) always gets the same crop and
 restoring the iterator state replays the exact stream.
 """
@@ -100,9 +103,9 @@ def resize_shorter(image: Image.Image, size: int) -> Image.Image:
 
 
 def crop_flip(image: Image.Image, size: int, top: int, left: int, flip: bool) -> np.ndarray:
-    """float32 [size, size, 3] in [-1, 1] of the crop at (top, left), mirrored left-right if `flip`."""
-    x = np.asarray(image.crop((left, top, left + size, top + size)), np.float32)
-    return (x[:, ::-1] if flip else x) / np.float32(127.5) - np.float32(1)
+    """uint8 [size, size, 3] of the crop at (top, left), mirrored left-right if `flip`."""
+    x = np.asarray(image.crop((left, top, left + size, top + size)), np.uint8)
+    return np.ascontiguousarray(x[:, ::-1]) if flip else x
 
 
 @dataclasses.dataclass
@@ -169,7 +172,7 @@ def make_loader(
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> Loader:
-    """Iterator of {"image": float32 [b, S, S, 3] in [-1, 1], "key": int32 [b]}, b = global_batch_size / processes.
+    """Iterator of {"image": uint8 [b, S, S, 3], "key": int32 [b]}, b = global_batch_size / processes.
 
     The record order is one process's: with several, each reads its rows of every global batch (`_ProcessRows`),
     so batch i holds the same records in the same places on any number of processes (a one-process run reads
