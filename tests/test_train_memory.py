@@ -12,13 +12,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import Mesh
 
 from d4k_jax import sharding, train_state
 from d4k_jax import train_step as ts
 from d4k_jax.models.flux import Flux, FluxConfig
 from d4k_jax.models.vae import AutoencoderKL, VAEConfig
-from d4k_jax.sharding import make_mesh
+from d4k_jax.sharding import MESH_AXES, make_mesh
 from tools.bench import _per_device_bytes, train_step_lowered
+from tools.collectives import collectives
 
 
 def _flux() -> Flux:
@@ -39,18 +41,18 @@ def _flux() -> Flux:
 _SMALL = (jnp.zeros((1, 2, 2, 4)), jnp.zeros(1), jnp.zeros((1, 5, 24)), jnp.zeros((1, 12)), jnp.zeros(1))
 
 
-def _compile(n: int, per_device: int = 2):
+def _compile(n: int, per_device: int = 2, mesh: Mesh | None = None):
     module = _flux()
     vae = AutoencoderKL(
         VAEConfig(latent_channels=4, block_out_channels=(8, 8), norm_num_groups=4, stride=2), dtype=jnp.bfloat16
     )
     b, sds = per_device * n, jax.ShapeDtypeStruct
     batch = {
-        "image": sds((b, 32, 32, 3), jnp.float32),
+        "image": sds((b, 32, 32, 3), jnp.uint8),  # as the loader ships them
         "text": sds((b, 5, 24), jnp.bfloat16),
         "pooled": sds((b, 12), jnp.bfloat16),
     }
-    mesh = make_mesh({"data": 1, "fsdp": n}, jax.devices()[:n])
+    mesh = mesh or make_mesh({"data": 1, "fsdp": n}, jax.devices()[:n])
     lowered, state = train_step_lowered(
         module,
         _SMALL,
@@ -78,6 +80,21 @@ def test_sharded_train_step_with_images_compiles_with_a_memory_analysis():
     assert held < whole / 2
     kernel = state.params["x_embedder"]["kernel"]
     assert kernel.sharding.shard_shape(kernel.shape) == (16, 2)
+
+
+def test_a_hybrid_mesh_keeps_fsdp_within_each_host():
+    """train.mesh_dcn's default on 2 hosts of 4 devices: data parallel across the hosts, FSDP within each
+    (laid out as sharding.make_mesh lays it out, host h holding devices 4h..4h+3 of the mesh order). The
+    FSDP all-gathers of the compiled step stay within a host; only all-reduces (the gradients' data-parallel
+    sum) cross hosts. FSDP over all 8 devices gathers across hosts."""
+    hybrid = Mesh(np.array(jax.devices()).reshape(2, 4, 1, 1), MESH_AXES)
+    found = collectives(_compile(8, mesh=hybrid)[0].as_text(), host_size=4)
+    crossing = {kind for kind, ops in found.items() for where, _ in ops if where == "across hosts"}
+    assert crossing == {"all-reduce"}, found  # XLA:CPU has no reduce-scatter: an all-reduce then a slice
+    assert ("within a host", 4) in found["all-gather"], found  # the FSDP gathers of the parameters
+    assert ("across hosts", 2) in found["all-reduce"], found  # FSDP-sharded gradients summed over the 2 hosts
+    flat = collectives(_compile(8)[0].as_text(), host_size=4)
+    assert ("across hosts", 8) in flat["all-gather"], flat
 
 
 def test_the_microbatch_gradient_accumulator_is_held_on_the_param_shardings():

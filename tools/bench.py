@@ -386,10 +386,10 @@ def train_memory(args) -> None:
     import jax.numpy as jnp
     from flax import traverse_util
 
-    from d4k_jax import sharding
     from d4k_jax import train_step as ts
     from d4k_jax.models import vae as vae_lib
     from d4k_jax.nn import attention
+    from tools.collectives import collectives, summary
 
     if args.attention_chunk:  # queries per chunk of the chunked (non-cuDNN) attention; the library's default is 1024
         attention.dot_product_attention.__kwdefaults__["chunk_size"] = args.attention_chunk
@@ -433,10 +433,10 @@ def train_memory(args) -> None:
         if n > len(devices):
             print(f"  fsdp={n}: skipped, only {len(devices)} devices here")
             continue
-        mesh = sharding.make_mesh({"data": 1, "fsdp": n}, devices[:n])
+        mesh = _train_mesh(n, args.hosts, devices)
         b = per_device * n
         batch = {
-            "image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32),
+            "image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8),  # as the loader ships them
             "text": jax.ShapeDtypeStruct((b, text_len, 4096), dtype),
             "pooled": jax.ShapeDtypeStruct((b, pooled), dtype),
         }
@@ -453,7 +453,8 @@ def train_memory(args) -> None:
             encode_passes=per_device,
             microbatches=args.microbatches,
         )
-        m = lowered.compile().memory_analysis()
+        compiled = lowered.compile()
+        m = compiled.memory_analysis()
         seconds = time.perf_counter() - t
         arg, out, alias, temp = (
             m.argument_size_in_bytes,
@@ -464,14 +465,35 @@ def train_memory(args) -> None:
         peak = arg + out - alias + temp
         params, moments = _per_device_bytes(state.params), _per_device_bytes(state.opt_state)
         print(
-            f"  fsdp={n} (global batch {b}): args {gib(arg):.2f} GiB (params {gib(params):.2f}, AdamW "
+            f"  {_mesh_name(mesh)} (global batch {b}): args {gib(arg):.2f} GiB (params {gib(params):.2f}, AdamW "
             f"{gib(moments):.2f}), out {gib(out):.2f}, alias {gib(alias):.2f}, temp {gib(temp):.2f}, "
             f"peak = args + out - alias + temp = {gib(peak):.2f} GiB ({peak / 1e9:.1f} GB): "
             f"{'fits' if peak <= args.budget else 'does not fit'} (compile {seconds:.0f}s)",
             flush=True,
         )
+        if args.hosts > 1:
+            per_host = n // args.hosts
+            print(f"  collectives ({per_host} devices per host): {summary(collectives(compiled.as_text(), per_host))}")
         if peak <= args.budget and not args.all:
             break
+
+
+def _mesh_name(mesh) -> str:
+    return " x ".join(f"{a}={s}" for a, s in mesh.shape.items() if s > 1) or "one device"
+
+
+def _train_mesh(n: int, hosts: int, devices: list):
+    """FSDP over n devices; with hosts > 1 the hybrid mesh sharding.make_mesh builds for train.mesh_dcn's
+    default on `hosts` hosts of n / hosts devices (data across hosts, FSDP within each), its granules taken
+    as consecutive blocks of the devices (fake CPU devices of one process have no host of their own)."""
+    import numpy as np
+    from jax.sharding import Mesh
+
+    from d4k_jax import sharding
+
+    if hosts == 1:
+        return sharding.make_mesh({"data": 1, "fsdp": n}, devices[:n])
+    return Mesh(np.array(devices[:n]).reshape(hosts, n // hosts, 1, 1), sharding.MESH_AXES)
 
 
 def _ints(text: str) -> list[int]:
@@ -518,6 +540,7 @@ def main(argv=None) -> None:
     p.add_argument("--attention_chunk", type=int, default=0, help="queries per chunk of the chunked attention")
     p.add_argument("--microbatches", type=int, default=1, help="gradient accumulation over this many slices")
     p.add_argument("--all", action="store_true", help="do not stop at the first fitting size")
+    p.add_argument("--hosts", type=int, default=1, help="n devices as this many hosts: data across, FSDP within")
     p = sub.add_parser("tiny_train_step", help="tiny Flux train step, d4k_jax vs torch")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--repeats", type=int, default=10)
