@@ -27,7 +27,7 @@ import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
-from d4k_jax import checkpoint, cli, distributed, files, sharding, train_config
+from d4k_jax import checkpoint, cli, distributed, files, sharding, train_config, train_state
 from d4k_jax import train_step as ts
 from d4k_jax.data import input_pipeline, text_cache
 from d4k_jax.data.prepare import prepare_data
@@ -53,10 +53,11 @@ def run(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[dict]:
     logging.info("%d training images in %s; global batch %d on mesh %s", len(captions), data_dir, global_batch, mesh)
 
     dtype = jnp.dtype(c.dtype)
+    stride = {"stride": c.vae_stride} if c.vae_stride else {}
     pipe = pipeline_class(c.model).from_pretrained(  # the transformer read straight onto its train shardings
         path,
         dtype=dtype,
-        vae_stride=c.vae_stride or None,
+        vae=base.load(path, "vae", dtype, sharding=train_state.replicated(mesh), **stride),  # each process reads it
         param_dtype=jnp.dtype(c.param_dtype),
         remat=c.train.remat,
         sharding=(mesh, rules),
