@@ -218,7 +218,7 @@ def written_images(out: Path, prompts: list[str], images_per_prompt: int, ext: s
                 )
             kept[name] = line
     if tidy and (kept or meta.exists()):
-        text = "".join(kept[n] + "\n" for n in sorted(kept, key=lambda n: (_job(n, ext), n)))
+        text = "".join(kept[n] + "\n" for n in sorted(kept, key=lambda n: _order(n, ext)))
         if not meta.is_file() or meta.read_text(encoding="utf-8") != text:
             files.write_text(meta, text)
     for part in sources[1:] if tidy else ():  # after the merged file is written: a crash between reads both
@@ -240,6 +240,12 @@ def _written_everywhere(out: Path, prompts: list[str], images_per_prompt: int, e
         done = np.array([n in tidied for n in names], np.int32)
     done = multihost_utils.broadcast_one_to_all(done)
     return {n for n, d in zip(names, done, strict=True) if d}
+
+
+def _order(name: str, ext: str) -> tuple:
+    """Sort key of metadata lines: by prompt, then image (numerically); other names after, by name."""
+    p, k = _job(name, ext)
+    return (p is None, p or 0, k, name)
 
 
 def _name(p: int, k: int, ext: str) -> str:
