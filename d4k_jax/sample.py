@@ -1,26 +1,36 @@
-"""Sample many images, sharded over every device:
+"""Sample many images, sharded over every device (of every process):
 
   python -m d4k_jax.sample --config=configs/flux_wlf.py --config.pipeline=DIR --prompts=FILE --outdir=OUT
 
 FILE is a text file (one prompt per line) or an Aesthetic-4K `metadata.jsonl` (its "text" fields).
-Image k of prompt p uses seed `config.seed + p * images_per_prompt + k`, drawn per image, so the
-images do not depend on the batch size or the device count. Each image is written as
-OUT/{p:05d}_{k:02d}.jpg (quality 95; PNG with --config.sample.format=png) with a line in
-OUT/metadata.jsonl. The last batch is padded to fill the mesh.
+Image k of prompt p uses seed `config.seed + p * images_per_prompt + k`, drawn per image, and its prompt is
+encoded alone, so the images do not depend on the batch size, the device count or the process count. Each
+image is written as OUT/{p:05d}_{k:02d}.jpg (quality 95; PNG with --config.sample.format=png) with a line
+in OUT/metadata.jsonl. The last batch is padded to fill the mesh.
+
+Several processes (see d4k_jax/distributed.py): each builds the noise and embeddings of the batch rows its
+devices hold (global arrays, base.global_rows) and writes the images it holds (a row replicated on several
+devices is written once), into the one shared OUT. Each appends its lines to its own
+OUT/metadata.process_<i>.jsonl; once every process is done, process 0 merges them into OUT/metadata.jsonl,
+sorted by prompt then image, so that the files do not depend on the process count.
 
 Everything that can be checked without weights (sizes against the pipeline's config.json files, format,
 prompt file, batch against the devices) is checked before the weights load, and reported all at once.
 
 Resume. OUT/settings.json, written before the first image, holds what decides the images (pipeline,
 model, seed, size, steps, guidance, ...): a rerun into OUT with other settings is refused, naming them.
-An image counts as written when its metadata line is: the image is saved first (to a temporary name,
-then renamed), its line appended after. A crash in between leaves an image without a line, which the
-rerun makes again (the same image: same seed); a half-written last line is dropped on resume.
+An image counts as written when its metadata line is, in OUT/metadata.jsonl or in any process's file: the
+image is saved first (to a temporary name, then renamed), its line appended after. A crash or a kill in
+between leaves an image without a line, which the rerun makes again (the same image: same seed); a
+half-written last line is dropped on resume. A rerun, with any number of processes, first merges every
+process's lines into OUT/metadata.jsonl (process 0, while the others wait), so what a killed run wrote
+counts once; until then OUT/metadata.jsonl lists only the images of finished runs.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import time
 from pathlib import Path
 
@@ -29,6 +39,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 from PIL import Image
@@ -39,6 +50,7 @@ from d4k_jax.pipelines import PIPELINES, base, pipeline_class
 
 SETTINGS = "settings.json"
 METADATA = "metadata.jsonl"
+PROCESS_METADATA = "metadata.process_{}.jsonl"  # each process's lines until process 0 merges them into METADATA
 FORMATS = {"jpeg": "jpg", "png": "png"}
 
 
@@ -119,6 +131,8 @@ def validate(c: ml_collections.ConfigDict, prompts_file: str | Path) -> tuple[li
     n = c.get("num_devices", 0) or len(available)
     if n > len(available):
         problems.append(f"config.num_devices={n} but only {len(available)} devices are available")
+    elif n < len(available) and jax.process_count() > 1:
+        problems.append(f"config.num_devices={n}: several processes sample on every device (leave it 0)")
     else:
         try:
             mesh = sharding.make_mesh(dict(c.mesh), available[:n])
@@ -153,7 +167,7 @@ def check_outdir(out: Path, wanted: dict) -> bool:
         raise NotADirectoryError(f"--outdir={out} is a file, expected a folder")
     stored_file = out / SETTINGS
     if not stored_file.is_file():
-        if (out / METADATA).exists():
+        if (out / METADATA).exists() or any(out.glob(PROCESS_METADATA.format("*"))):
             raise FileExistsError(
                 f"--outdir={out} holds a {METADATA} but no {SETTINGS} (made by another tool or an older version): "
                 "its images may come from other settings; pass another --outdir"
@@ -173,38 +187,69 @@ def check_outdir(out: Path, wanted: dict) -> bool:
 
 
 def written_images(out: Path, prompts: list[str], images_per_prompt: int, ext: str, tidy: bool = True) -> set[str]:
-    """The names of the images already written: those with a complete metadata line and their file.
-    With `tidy` (one process does it), rewrites OUT/metadata.jsonl without the lines that do not count
-    (half-written, duplicated, file gone) and removes images left half-written (*.tmp)."""
+    """The names of the images already written: those with a complete metadata line (in OUT/metadata.jsonl or a
+    process's OUT/metadata.process_<i>.jsonl) and their file. With `tidy` (one process, while no other writes),
+    merges the lines that count into OUT/metadata.jsonl, sorted by prompt then image, removes the process files
+    and images left half-written (*.tmp); the lines that do not count (half-written, duplicated, file gone) go."""
     meta = out / METADATA
     if tidy:
         for tmp in out.glob(f"*.{ext}.tmp"):
             tmp.unlink()
-    if not meta.is_file():
-        return set()
-    text = meta.read_text(encoding="utf-8")
-    lines = text.split("\n")[:-1]  # the part after the last newline is a half-written line (or empty)
-    kept, names = [], set()
-    for line in lines:
-        try:
-            row = json.loads(line)
-            name = row["file_name"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            logging.warning("%s: dropping an unreadable line %r (its image is made again)", meta, line[:80])
+    sources = [meta, *sorted(out.glob(PROCESS_METADATA.format("*")))]
+    kept: dict[str, str] = {}
+    for path in sources:
+        if not path.is_file():
             continue
-        if name in names or not (out / name).is_file():
-            continue
-        p, k = _job(name, ext)
-        if p is not None and p < len(prompts) and k < images_per_prompt and row.get("text") != prompts[p]:
-            raise FileExistsError(
-                f"{out / name} was made from the prompt {row.get('text')!r} but prompt {p + 1} is now "
-                f"{prompts[p]!r}: pass another --outdir for another prompt file"
-            )
-        kept.append(line)
-        names.add(name)
-    if tidy and (len(kept) != len(lines) or (text and not text.endswith("\n"))):
-        files.write_text(meta, "".join(x + "\n" for x in kept))
-    return names
+        # the part after the last newline is a half-written line (or empty)
+        for line in path.read_text(encoding="utf-8").split("\n")[:-1]:
+            try:
+                row = json.loads(line)
+                name = row["file_name"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                logging.warning("%s: dropping an unreadable line %r (its image is made again)", path, line[:80])
+                continue
+            if name in kept or not (out / name).is_file():
+                continue
+            p, k = _job(name, ext)
+            if p is not None and p < len(prompts) and k < images_per_prompt and row.get("text") != prompts[p]:
+                raise FileExistsError(
+                    f"{out / name} was made from the prompt {row.get('text')!r} but prompt {p + 1} is now "
+                    f"{prompts[p]!r}: pass another --outdir for another prompt file"
+                )
+            kept[name] = line
+    if tidy and (kept or meta.exists()):
+        text = "".join(kept[n] + "\n" for n in sorted(kept, key=lambda n: _order(n, ext)))
+        if not meta.is_file() or meta.read_text(encoding="utf-8") != text:
+            files.write_text(meta, text)
+    for part in sources[1:] if tidy else ():  # after the merged file is written: a crash between reads both
+        part.unlink()
+    return set(kept)
+
+
+def _written_everywhere(out: Path, prompts: list[str], images_per_prompt: int, ext: str, jobs: list) -> set[str]:
+    """`written_images`, tidied, as every process sees it: process 0 tidies while the others wait, and its set
+    is sent to all, so that every process plans the same batches."""
+    if jax.process_count() == 1:
+        return written_images(out, prompts, images_per_prompt, ext)
+    written_images(out, prompts, images_per_prompt, ext, tidy=False)  # a changed prompt stops every process
+    sharding.sync_processes("sample: outdir read")
+    names = [_name(p, k, ext) for p, k in jobs]
+    done = np.zeros(len(names), np.int32)
+    if jax.process_index() == 0:
+        tidied = written_images(out, prompts, images_per_prompt, ext)
+        done = np.array([n in tidied for n in names], np.int32)
+    done = multihost_utils.broadcast_one_to_all(done)
+    return {n for n, d in zip(names, done, strict=True) if d}
+
+
+def _order(name: str, ext: str) -> tuple:
+    """Sort key of metadata lines: by prompt, then image (numerically); other names after, by name."""
+    p, k = _job(name, ext)
+    return (p is None, p or 0, k, name)
+
+
+def _name(p: int, k: int, ext: str) -> str:
+    return f"{p:05d}_{k:02d}.{ext}"
 
 
 def _job(name: str, ext: str) -> tuple[int | None, int]:
@@ -218,72 +263,89 @@ def _job(name: str, ext: str) -> tuple[int | None, int]:
 def load_pipeline(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> base.Pipeline:
     """The config's pipeline. On a `mesh`, the transformer's parameters are read straight onto it:
     replicated, or FSDP-sharded by their logical axes (`shard_params`; sharding.DEFAULT_RULES: "embed"
-    over `fsdp`) for a model that does not fit one device."""
-    opts = {}
+    over `fsdp`) for a model that does not fit one device; the VAE's, replicated. The text encoders stay on
+    each process's first device: each process encodes its own prompts."""
+    opts, dtype = {}, jnp.dtype(c.dtype)
     if mesh is not None:
-        shard = c.get("shard_params", False)
-        opts["sharding"] = (mesh, sharding.DEFAULT_RULES) if shard else NamedSharding(mesh, PartitionSpec())
-    return pipeline_class(c.model).from_pretrained(
-        c.pipeline, dtype=jnp.dtype(c.dtype), vae_stride=c.vae_stride, **opts
-    )
+        shard, replicated = c.get("shard_params", False), NamedSharding(mesh, PartitionSpec())
+        opts["sharding"] = (mesh, sharding.DEFAULT_RULES) if shard else replicated
+        stride = {} if c.vae_stride is None else {"stride": c.vae_stride}
+        opts["vae"] = base.load(base.pipeline_dir(c.pipeline), "vae", dtype, sharding=replicated, **stride)
+    return pipeline_class(c.model).from_pretrained(c.pipeline, dtype=dtype, vae_stride=c.vae_stride, **opts)
 
 
 def run(c: ml_collections.ConfigDict, prompts_file: str, outdir: str) -> int:
-    """Writes every missing image; returns how many were written."""
+    """Writes every missing image; returns how many were written (by all processes)."""
     s = c.sample
     prompts, mesh, batch = validate(c, prompts_file)
     out, wanted = Path(outdir), settings(c)
     fresh = check_outdir(out, wanted)
     ext = FORMATS[s.format]
     jobs = [(p, k) for p in range(len(prompts)) for k in range(s.images_per_prompt)]
-    done = written_images(out, prompts, s.images_per_prompt, ext, tidy=jax.process_index() == 0)
-    todo = [(p, k) for p, k in jobs if f"{p:05d}_{k:02d}.{ext}" not in done]
+    done = _written_everywhere(out, prompts, s.images_per_prompt, ext, jobs)
+    todo = [(p, k) for p, k in jobs if _name(p, k, ext) not in done]
     if len(todo) < len(jobs):
         logging.info("resuming: %d of %d images already written", len(jobs) - len(todo), len(jobs))
     if not todo:
         return 0
+    out.mkdir(parents=True, exist_ok=True)
     if fresh and jax.process_index() == 0:
-        out.mkdir(parents=True, exist_ok=True)
         files.write_text(out / SETTINGS, json.dumps(wanted, indent=2) + "\n")
     pipe = load_pipeline(c, mesh)
     data = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    pipe.vae = pipe.vae._replace(params=jax.device_put(pipe.vae.params, replicated))
-    module = pipe.transformer.module
-    shape = pipe.latent_shape(1, s.height, s.width)[1:]
-    written = 0
-    with tqdm(total=len(todo), unit="img", desc="sample") as bar:
+    whole_rows = jax.jit(lambda x: x, out_shardings=data)  # each image whole on the devices that hold its row
+    negative = pipe.negative_embeds(s.negative_prompt, 1, s.guidance, s.max_sequence_length)
+    negative = None if negative is None else [np.asarray(x[0]) for x in negative]
+    own_metadata = out / PROCESS_METADATA.format(jax.process_index())
+    with tqdm(total=len(todo), unit="img", desc="sample", disable=jax.process_index() != 0) as bar:
         for start in range(0, len(todo), batch):
             chunk = todo[start : start + batch]
             padded = chunk + [chunk[-1]] * (batch - len(chunk))  # fill the mesh; the copies are not saved
             t0 = time.perf_counter()
             texts = [prompts[p] for p, _ in padded]
             seeds = [c.seed + p * s.images_per_prompt + k for p, k in padded]
-            noise = jnp.concatenate([base.initial_noise(seed, (1, *shape), module.dtype) for seed in seeds])
             kwargs = dict(height=s.height, width=s.width, num_inference_steps=s.steps, guidance_scale=s.guidance)
-            kwargs["prompt_embeds"] = jax.device_put(pipe.encode_prompt(texts, s.max_sequence_length), data)
-            negative = pipe.negative_embeds(s.negative_prompt, len(texts), s.guidance, s.max_sequence_length)
-            if negative is not None:
-                kwargs["negative_prompt_embeds"] = jax.device_put(negative, data)
-            images = pipe(texts, latents=jax.device_put(noise, data), **kwargs)
-            if jax.process_count() > 1:  # every host gets the whole batch; host 0 writes (untested: one host here)
-                from jax.experimental import multihost_utils
-
-                images = multihost_utils.process_allgather(images, tiled=True)
-            images = np.asarray(jax.device_get(images))
-            if jax.process_index() != 0:
-                bar.update(len(chunk))
-                continue
-            for (p, k), image, seed in zip(chunk, images, seeds, strict=False):
-                name = f"{p:05d}_{k:02d}.{ext}"
+            kwargs |= _global_inputs(pipe, s, texts, seeds, negative, data)
+            for row, image in _held_images(whole_rows(pipe(texts, **kwargs)), len(chunk)):
+                name = _name(*chunk[row], ext)
                 _save(image, out / name, s.format)
-                line = dict(file_name=name, text=prompts[p], seed=seed, height=s.height, width=s.width)
+                line = dict(file_name=name, text=texts[row], seed=seeds[row], height=s.height, width=s.width)
                 line |= dict(steps=s.steps, guidance=s.guidance, model=c.model)
-                _append_line(out / METADATA, json.dumps(line))  # after the image: the line marks it done
-                written += 1
+                _append_line(own_metadata, json.dumps(line))  # after the image: the line marks it done
             bar.update(len(chunk))
             bar.set_postfix(img_per_s=f"{len(chunk) / (time.perf_counter() - t0):.2f}")
-    return written
+    sharding.sync_processes("sample: every image written")
+    if jax.process_index() == 0:
+        written_images(out, prompts, s.images_per_prompt, ext)  # every process's lines into OUT/metadata.jsonl
+    return len(todo)
+
+
+def _global_inputs(pipe: base.Pipeline, s, texts: list[str], seeds: list[int], negative, data) -> dict:
+    """The call's initial noise and embeddings as global arrays on `data`, each process building only the rows
+    it holds: the noise of each from its seed, and the embeddings of its prompts, encoded one prompt at a time
+    (so that an embedding does not depend on the prompts beside it in a batch, nor on the process count).
+    `negative` is the negative prompt's (text, pooled) rows, or None."""
+    encoded: dict[str, list[np.ndarray]] = {}
+    for i in base.rows_held(data, len(texts)):
+        if texts[i] not in encoded:
+            encoded[texts[i]] = [np.asarray(x[0]) for x in pipe.encode_prompt([texts[i]], s.max_sequence_length)]
+    shape, dtype = pipe.latent_shape(1, s.height, s.width), pipe.transformer.module.dtype
+    n = len(texts)
+    out = dict(latents=base.global_rows(data, n, lambda i: base.initial_noise(seeds[i], shape, dtype)[0]))
+    out["prompt_embeds"] = tuple(base.global_rows(data, n, lambda i, j=j: encoded[texts[i]][j]) for j in (0, 1))
+    if negative is not None:
+        out["negative_prompt_embeds"] = tuple(base.global_rows(data, n, lambda i, x=x: x) for x in negative)
+    return out
+
+
+def _held_images(images: jax.Array, n: int):
+    """(row, image) for each of the first `n` rows of `images` (split over the batch axis only) that this
+    process writes: those of its shards that are their row's first replica, so that a row on several devices
+    (of this process or others) is written once."""
+    for shard in images.addressable_shards:
+        if shard.replica_id == 0:
+            rows, pixels = range(images.shape[0])[shard.index[0]], np.asarray(shard.data)
+            yield from ((row, pixels[j]) for j, row in enumerate(rows) if row < n)
 
 
 def _save(image: np.ndarray, path: Path, fmt: str) -> None:
@@ -304,6 +366,9 @@ def main(argv):
     if _CONFIG.value is None:
         raise app.UsageError("--config is required (configs/flux_wlf.py or configs/sd3_wlf.py)")
     distributed.initialize(_CONFIG.value.get("distributed"))  # before anything touches a device
+    # JAX's multi-process runtime catches SIGTERM (a preemption notice, for training to save a step). Sampling
+    # has nothing to save (an image counts once its line is written): SIGTERM ends it at once, as one process.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     n = run(_CONFIG.value, _PROMPTS.value, _OUTDIR.value)
     logging.info("wrote %d images to %s", n, _OUTDIR.value)
 

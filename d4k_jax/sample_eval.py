@@ -12,18 +12,22 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 
 from d4k_jax import plots
 from d4k_jax import train_step as ts
 from d4k_jax.metrics import suite
-from d4k_jax.pipelines.base import Component, Pipeline
+from d4k_jax.pipelines.base import Component, Pipeline, global_rows, initial_noise
 from d4k_jax.sharding import Rules
 
 
 class SampleEval:
     """Samples the eval prompts with the current parameters. The prompts (and the negative prompt, where the
     pipeline uses one) are encoded once, before the text encoders are released; the batch is padded to a
-    multiple of the data-parallel devices, and the noise is fixed by the seed."""
+    multiple of the data-parallel devices, and the noise is fixed by the seed. The noise and embeddings are
+    global arrays over the mesh's data-parallel axes, each process holding its rows (every process encodes
+    the few eval prompts, then keeps its rows); the images are gathered to every process to be logged."""
 
     def __init__(self, c: ml_collections.ConfigDict, pipe: Pipeline, rules: Rules, mesh, workdir: Path):
         e = c.eval
@@ -31,17 +35,16 @@ class SampleEval:
         ways = mesh.shape["data"] * mesh.shape["fsdp"]
         self.prompts = list(e.prompts)
         padded = self.prompts + self.prompts[-1:] * (-len(self.prompts) % ways)
-        self.kwargs = dict(
-            height=e.height,
-            width=e.width,
-            num_inference_steps=e.steps,
-            guidance_scale=e.guidance,
-            seed=c.seed,
-            prompt_embeds=pipe.encode_prompt(padded, e.max_sequence_length),
-        )
+        data = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+        noise = initial_noise(c.seed, pipe.latent_shape(len(padded), e.height, e.width), self.module.dtype)
+        inputs = dict(latents=noise, prompt_embeds=pipe.encode_prompt(padded, e.max_sequence_length))
         negative = pipe.negative_embeds(c.sample.negative_prompt, len(padded), e.guidance, e.max_sequence_length)
         if negative is not None:
-            self.kwargs["negative_prompt_embeds"] = negative
+            inputs["negative_prompt_embeds"] = negative
+        inputs = jax.tree.map(lambda x: _global(data, np.asarray(x)), inputs)
+        self.kwargs = dict(
+            height=e.height, width=e.width, num_inference_steps=e.steps, guidance_scale=e.guidance, **inputs
+        )
         self.padded = padded
         names = [m for m in e.get("metrics", "").split(",") if m]
         self.metrics = suite.Metrics(names, suite.Weights(**e.get("weights", {}))) if names else None
@@ -60,9 +63,7 @@ class SampleEval:
         self.pipe.transformer = Component(self.module, params)
         with nn.logical_axis_rules(self.rules):
             images = self.pipe(self.padded, **self.kwargs)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils  # multi-process runs only
-
+        if jax.process_count() > 1:  # the few eval images, to every process: each logs and measures them all
             images = multihost_utils.process_allgather(images, tiled=True)
         return np.asarray(jax.device_get(images))[: len(self.prompts)]
 
@@ -81,3 +82,8 @@ class SampleEval:
             return {"eval_seconds": time.perf_counter() - t0, **self.measure(images)}
 
         return run
+
+
+def _global(data: NamedSharding, x: np.ndarray) -> jax.Array:
+    """`x`, whole on every process, as a global array on `data`: each process keeps the rows it holds."""
+    return global_rows(data, len(x), lambda i: x[i])

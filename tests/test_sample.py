@@ -1,4 +1,6 @@
-"""The sample CLI: sharded over 8 fake devices equals one device, resume, metadata, bad input."""
+"""The sample CLI: sharded over 8 fake devices equals one device, resume, metadata (one file per process,
+merged), bad input, global inputs and which device writes each image. Several real processes:
+test_sample_multiprocess.py."""
 
 import json
 import shutil
@@ -6,11 +8,13 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
 from tiny_pipelines import flux_pipeline, sd3_pipeline
 
 from configs import flux_wlf, sd3_wlf
-from d4k_jax import sample
+from d4k_jax import sample, sharding
+from d4k_jax.pipelines import base
 
 PROMPTS = ["a red cat on the sky", "a blue dog", "a green square on a red background"]
 
@@ -157,6 +161,34 @@ def test_an_image_without_its_metadata_line_is_made_again(pipes, sampled, tmp_pa
     assert (out / "metadata.jsonl").read_text().splitlines() == lines
     assert _images(out).keys() == before.keys() and not list(out.glob("*.tmp"))
     assert np.array_equal(_images(out)["00002_00.png"], before["00002_00.png"])
+
+
+def test_every_process_file_counts_once_and_is_merged_in_order(pipes, sampled, tmp_path):
+    """What processes of a killed run (of any count) left: lines in their own files, some twice, one cut short."""
+    c = _config("flux", pipes, num_devices=1, images_per_prompt=1, batch_size=1)
+    out = tmp_path / "out"
+    shutil.copytree(sampled, out)
+    lines = (out / "metadata.jsonl").read_text().splitlines()
+    (out / "metadata.jsonl").unlink()
+    (out / "metadata.process_0.jsonl").write_text(lines[2] + "\n" + lines[0][:30])  # image 1's line cut short
+    (out / "metadata.process_5.jsonl").write_text(lines[1] + "\n" + lines[2] + "\n")
+    assert sample.written_images(out, PROMPTS, 1, "png", tidy=False) == {"00001_00.png", "00002_00.png"}
+    assert sample.run(c, pipes / "prompts.txt", out) == 1
+    assert (out / "metadata.jsonl").read_text().splitlines() == lines  # once each, sorted by prompt
+    assert not list(out.glob("metadata.process_*"))
+
+
+def test_global_rows_and_each_image_written_once():
+    """Rows replicated over `sequence` (4 devices each) are built from their rows only and written once."""
+    mesh = sharding.make_mesh({"data": 2, "sequence": 4})
+    data = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    assert base.rows_held(data, 4) == [0, 1, 2, 3]  # one process holds every row
+    asked = []
+    images = base.global_rows(data, 4, lambda i: asked.append(i) or np.full((2, 2, 3), i, np.uint8))
+    assert asked == [0, 1, 2, 3] and images.sharding == data
+    assert [s.index[0] for s in images.addressable_shards].count(slice(0, 2)) == 4  # rows 0-1 on 4 devices
+    got = sorted((row, int(image[0, 0, 0])) for row, image in sample._held_images(images, 3))
+    assert got == [(0, 0), (1, 1), (2, 2)]  # row 3 is padding
 
 
 def test_fsdp_sharded_params_give_the_same_images(pipes, tmp_path):

@@ -1,17 +1,20 @@
 """What every text-to-image pipeline shares: the `Pipeline` interface that sample.py and train.py drive
-(so that neither asks which model it holds), `Component` (a loaded model), loading, initial noise, VAE
+(so that neither asks which model it holds), `Component` (a loaded model), loading, initial noise, the
+call's batch inputs as global arrays (`global_rows`: each process builds only the rows it holds), VAE
 decode, uint8 output."""
 
 from __future__ import annotations
 
 import abc
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple, Self
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from d4k_jax.diffusion.flow import SchedulerConfig
 from d4k_jax.io import class_name, load_component, load_config
@@ -165,6 +168,32 @@ def initial_noise(seed: int, shape: tuple[int, ...], dtype: Any) -> jax.Array:
     """Standard normal noise from one seed (same seed, same noise), drawn in float32 and cast to `dtype`
     (as torch.randn(dtype=bfloat16) does): drawn in bfloat16 it would hold only 128 distinct values, |z| <= 2.89."""
     return jax.random.normal(jax.random.key(seed), shape, jnp.float32).astype(dtype)
+
+
+def rows_held(sharding: jax.sharding.Sharding, batch: int) -> list[int]:
+    """The rows of a [batch, ...] array on `sharding` that this process's devices hold (sorted; every row where
+    the batch axis is not split)."""
+    held = set()
+    for index in sharding.addressable_devices_indices_map((batch,)).values():
+        held.update(range(batch)[index[0]])
+    return sorted(held)
+
+
+def global_rows(sharding: jax.sharding.Sharding, batch: int, row: Callable[[int], Any]) -> jax.Array:
+    """The [batch, ...] global array whose row i is `row(i)`, on `sharding` (which may split the batch axis
+    only). Each process calls `row` once for each row it holds and for no other, so that no process builds,
+    or compares with the others (as a device_put onto a multi-process sharding does), the whole batch."""
+    rows = {i: np.asarray(row(i)) for i in rows_held(sharding, batch)}
+    if not rows:
+        raise ValueError(f"this process holds no device of {sharding}: every process must take part in the mesh")
+    first = next(iter(rows.values()))
+
+    def shard(index: tuple[slice, ...]) -> np.ndarray:
+        if any(i != slice(None) for i in index[1:]):
+            raise ValueError(f"{sharding} splits an axis other than the batch: {index}")
+        return np.stack([rows[i] for i in range(batch)[index[0]]])
+
+    return jax.make_array_from_callback((batch, *first.shape), sharding, shard)
 
 
 def decode(vae: AutoencoderKL, vae_params: Any, latents: jax.Array) -> jax.Array:
