@@ -9,8 +9,12 @@ IMAGES/metadata.jsonl, which `d4k_jax.sample` writes):
 VAE reconstruction (paper Table 2: rFID, NMSE, PSNR, SSIM, LPIPS) of a folder of real images:
   python -m d4k_jax.evaluate --images=DIR --vae=FLUX.1-dev/vae --stride=2 --size=4096 --fid_weights=... \
       --lpips_backbone=vgg16-397923af.safetensors --lpips_heads=lpips-vgg.safetensors
-Metrics whose weights are not given are reported as not computed, with the reason. The weights published as
-torch pickles (.pth) are converted once with `python -m conversion.pickled FILE.pth` (same tensor names).
+Across processes (`--distributed.coordinator_address=HOST:PORT --distributed.num_processes=N
+--distributed.process_id=I`, or `python -m tools.launch --prefix=distributed. -- python -m d4k_jax.evaluate ...`)
+each process measures one share of the set, the sums are added across processes (metrics/across.py) and process 0
+writes the report. Metrics whose weights are not given are reported as not computed, with the reason. The
+weights published as torch pickles (.pth) are converted once with `python -m conversion.pickled FILE.pth` (same
+tensor names).
 """
 
 from __future__ import annotations
