@@ -95,6 +95,11 @@ def reference_stats(
     if jax.process_count() > 1:
         found = bool(multihost_utils.broadcast_one_to_all(np.int32(found)))
     if found:
+        if not cache.is_file():
+            raise FileNotFoundError(
+                f"--fid_reference_stats={cache}: process 0 has it, process {jax.process_index()} does not see it; "
+                "the cache must be on a filesystem every process shares"
+            )
         logging.info("FID reference statistics from %s", cache)
         return _load_stats(cache)
     if not reference:
