@@ -9,12 +9,17 @@ IMAGES/metadata.jsonl, which `d4k_jax.sample` writes):
 VAE reconstruction (paper Table 2: rFID, NMSE, PSNR, SSIM, LPIPS) of a folder of real images:
   python -m d4k_jax.evaluate --images=DIR --vae=FLUX.1-dev/vae --stride=2 --size=4096 --fid_weights=... \
       --lpips_backbone=vgg16-397923af.safetensors --lpips_heads=lpips-vgg.safetensors
-Metrics whose weights are not given are reported as not computed, with the reason. The weights published as
-torch pickles (.pth) are converted once with `python -m conversion.pickled FILE.pth` (same tensor names).
+Across processes (`--distributed.coordinator_address=HOST:PORT --distributed.num_processes=N
+--distributed.process_id=I`, or `python -m tools.launch --prefix=distributed. -- python -m d4k_jax.evaluate ...`)
+each process measures one share of the set, the sums are added across processes (metrics/across.py) and process 0
+writes the report. Metrics whose weights are not given are reported as not computed, with the reason. The
+weights published as torch pickles (.pth) are converted once with `python -m conversion.pickled FILE.pth` (same
+tensor names).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -26,12 +31,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from d4k_jax import cli, files, reconstruct, sharding
+from d4k_jax import cli, distributed, files, reconstruct, sharding
 from d4k_jax.io import load_component
+from d4k_jax.metrics import across, suite
 from d4k_jax.metrics import images as image_sets
-from d4k_jax.metrics import suite
 from d4k_jax.metrics.compression import QUALITY
 from d4k_jax.metrics.fid import FeatureStats, InceptionFeatures
 from d4k_jax.metrics.weights import MissingWeights
@@ -71,45 +77,74 @@ def _load_stats(path: Path) -> FeatureStats:
         ) from e
 
 
-def reference_stats(paths: suite.Weights, reference: str, cache: str, size: int, batch_size: int, limit: int):
+def reference_stats(
+    paths: suite.Weights,
+    reference: str,
+    cache: str,
+    size: int,
+    batch_size: int,
+    limit: int,
+    net: InceptionFeatures | None = None,
+):
     """The real set's Inception statistics: loaded from `cache` if it exists, else computed (and saved
-    there); None if there is no reference or no FID weights."""
+    there); None if there is no reference or no FID weights. Across processes each measures its share of the
+    set, process 0 alone writes the cache and the others wait for it; whether the cache exists is process 0's
+    view (the others must see the same file: a shared filesystem)."""
     cache = stats_file(cache) if cache else None
-    if cache and cache.is_file():
+    found = bool(cache and cache.is_file())
+    if jax.process_count() > 1:
+        found = bool(multihost_utils.broadcast_one_to_all(np.int32(found)))
+    if found:
+        if not cache.is_file():
+            raise FileNotFoundError(
+                f"--fid_reference_stats={cache}: process 0 has it, process {jax.process_index()} does not see it; "
+                "the cache must be on a filesystem every process shares"
+            )
         logging.info("FID reference statistics from %s", cache)
         return _load_stats(cache)
     if not reference:
         return None
     try:
-        net = InceptionFeatures.from_file(paths.fid)
+        net = net or InceptionFeatures.from_file(paths.fid, batch_size=batch_size)
     except MissingWeights:
         return None  # reported by the metric itself
     stats, items = FeatureStats(), image_sets.list_images(reference, limit)
-    for batch in tqdm(
-        image_sets.batches(items, batch_size, size), total=-(-len(items) // batch_size), desc="reference"
-    ):
+    mine = [items[i] for i in across.share(len(items))]
+    for batch in tqdm(image_sets.batches(mine, batch_size, size), total=-(-len(mine) // batch_size), desc="reference"):
         stats.update(np.asarray(net(np.stack(batch.images))))
-    if cache:
+    stats.count = int(across.total(np.array([stats.count]))[0])
+    stats.sum, stats.outer = across.total(stats.sum), across.total(stats.outer)
+    if cache and jax.process_index() == 0:
         tmp = cache.with_name(f".{cache.stem}.partial.npz")  # renamed when whole: a crash leaves no bad cache
         stats.save(tmp)
         os.replace(tmp, cache)
         logging.info("FID reference statistics saved to %s", cache)
+    if cache:
+        sharding.sync_processes("d4k_jax.evaluate: FID reference statistics written")
     return stats
 
 
 def set_size(items: list[image_sets.Item], size: int) -> tuple[int, bool]:
-    """(the size images are measured at, whether the set mixes image sizes), from the file headers.
-    A mixed set needs --size (every image not size² is then resized and centre-cropped to it)."""
-    sizes = image_sets.header_sizes(items)
-    if not sizes:
+    """(the size images are measured at, whether the set mixes image sizes), from the file headers (each
+    process reads those of its share). A mixed set needs --size (every image not size² is then resized and
+    centre-cropped to it)."""
+    mine = across.share(len(items))
+    sizes = image_sets.header_sizes([items[i] for i in mine])
+    index = {id(items[i]): i for i in mine}
+    # per process: (index, height, width) of its first readable image and of its first of another size
+    first = [(index[id(sizes[0][0])], *sizes[0][1])] if sizes else []
+    other = [(index[id(it)], *hw) for it, hw in sizes if hw != sizes[0][1]][:1]
+    found = [row for rows in across.gather_json([first, other]) for part in rows for row in part]
+    if not found:
         raise ValueError(f"none of the {len(items)} images can be read (the first: {items[0].path})")
-    (first, hw), other = sizes[0], next(((it, s) for it, s in sizes if s != sizes[0][1]), None)
-    if other and not size:
+    (i, *hw), second = found[0], next(((j, *s) for j, *s in found if s != found[0][1:]), None)
+    if second and not size:
+        j, h, w = second
         raise ValueError(
-            f"images of different sizes: {first.path} is {hw[0]}x{hw[1]}, {other[0].path} is "
-            f"{other[1][0]}x{other[1][1]}; pass --size=S to resize and centre-crop every image to SxS"
+            f"images of different sizes: {items[i].path} is {hw[0]}x{hw[1]}, {items[j].path} is {h}x{w}; pass "
+            "--size=S to resize and centre-crop every image to SxS"
         )
-    return size or min(hw), other is not None
+    return size or min(hw), second is not None
 
 
 def check_out(path: str | os.PathLike) -> Path:
@@ -134,14 +169,19 @@ def check_out(path: str | os.PathLike) -> Path:
 
 
 def _check_request(metrics: list[str], batch_size: int) -> None:
+    wrong = _request_problems(metrics, batch_size)
+    if wrong:
+        raise ValueError("; ".join(wrong))
+
+
+def _request_problems(metrics: list[str], batch_size: int) -> list[str]:
     wrong = []
     unknown = sorted(set(metrics) - set(suite.GENERATION) - set(suite.RECONSTRUCTION))
     if unknown:
         wrong.append(f"unknown metrics {unknown} (known: {', '.join(suite.GENERATION + suite.RECONSTRUCTION)})")
     if batch_size < 1:
         wrong.append(f"--batch_size={batch_size} (expected 1 or more)")
-    if wrong:
-        raise ValueError("; ".join(wrong))
+    return wrong
 
 
 def evaluate(
@@ -159,8 +199,10 @@ def evaluate(
     vae_dtype: str = "bfloat16",
     sample_posterior: bool = False,
     seed: int = 0,
-) -> dict[str, Any]:
-    """Runs the metrics over `images` (streamed); returns the report written by the CLI."""
+) -> dict[str, Any] | None:
+    """Runs the metrics over `images` (streamed); returns the report written by the CLI. Across processes,
+    every process calls it and measures its share of the images (`batch_size` per process); process 0 returns
+    the report of the whole set, the others None (the FID's matrix square roots run once)."""
     t0 = time.perf_counter()
     _check_request(metrics, batch_size)
     items = image_sets.list_images(images, limit)
@@ -168,26 +210,24 @@ def evaluate(
     size, mixed = set_size(items, size)
     if vae:  # before the reference pass: a bad VAE path fails now
         roundtrip, params = _vae_roundtrip(vae, stride, vae_dtype, sample_posterior)
+    nets = {}
+    # one network (and program) for the reference and the images; missing weights are reported by the metric
+    with contextlib.suppress(MissingWeights):
+        if {"fid", "rfid"} & set(metrics):
+            nets["fid"] = nets["rfid"] = InceptionFeatures.from_file(paths.fid, batch_size=batch_size)
     stats = None
     if "fid" in metrics:
-        stats = reference_stats(paths, reference, reference_cache, size, batch_size, limit)
-    acc = suite.Metrics(metrics, paths, stats)
-    total = -(-len(items) // batch_size)
-    seen = 0
-    if vae:
-        key = jax.random.key(seed)
-        for i, batch in enumerate(tqdm(image_sets.batches(items, batch_size, size), total=total, desc="reconstruct")):
-            x = np.stack(batch.images)
-            acc.update_pairs(x, roundtrip(params, x, jax.random.fold_in(key, i)))
-            seen += len(x)
-    else:
-        # a generated set is measured at its own size; only a mixed one is brought to --size
-        read = image_sets.batches(items, batch_size, size if mixed else 0, keep_jpeg=True)
-        for batch in tqdm(read, total=total, desc="evaluate"):
-            acc.update(batch.images, [it.caption for it in batch.items], batch.jpeg)
-            seen += len(batch.images)
+        stats = reference_stats(paths, reference, reference_cache, size, batch_size, limit, nets.get("fid"))
+    acc = suite.Metrics(metrics, paths, stats, {k: v for k, v in nets.items() if k in metrics})
+    # a generated set is measured at its own size (only a mixed one is brought to --size), a VAE's input at --size
+    vae_run = (roundtrip, params, jax.random.key(seed)) if vae else None
+    seen = _measure(acc, items, batch_size, size if mixed or vae else 0, vae_run)
+    acc.reduce_across_processes()
+    seen = int(across.total(np.array([seen]))[0])
     if not seen:
         raise ValueError(f"none of the {len(items)} images of {images} can be read (the first: {items[0].path})")
+    if jax.process_index() != 0:
+        return None
     protocol = {m: PROTOCOL[m] for m in metrics}
     if vae:
         protocol["vae"] = f"{vae}, stride {stride}, {vae_dtype}, posterior {'sample' if sample_posterior else 'mean'}"
@@ -198,13 +238,34 @@ def evaluate(
         "size": size,
         "metrics": acc.result(),
         "protocol": protocol,
+        "processes": jax.process_count(),
         "seconds": round(time.perf_counter() - t0, 1),
     }
 
 
+def _measure(acc: suite.Metrics, items: list[image_sets.Item], batch_size: int, size: int, vae_run) -> int:
+    """Feeds this process's share of `items` to `acc` (through the VAE round trip where `vae_run` is given);
+    returns the number of images read."""
+    mine = across.share(len(items))
+    share, seen = [items[i] for i in mine], 0
+    read = image_sets.batches(share, batch_size, size, keep_jpeg=not vae_run)
+    for i, batch in enumerate(tqdm(read, total=-(-len(share) // batch_size), desc="evaluate")):
+        if vae_run:
+            roundtrip, params, key = vae_run
+            x = np.stack(batch.images)
+            # one key per batch (--sample_posterior), distinct over processes; the noise depends on the split
+            acc.update_pairs(x, roundtrip(params, x, jax.random.fold_in(key, mine.start + i)))
+        else:
+            acc.update(batch.images, [it.caption for it in batch.items], batch.jpeg)
+        seen += len(batch.images)
+    return seen
+
+
 def _vae_roundtrip(path: str, stride: int, dtype: str, sample_posterior: bool):
     module, params = load_component(path, dtype=jnp.dtype(dtype), stride=stride)
-    mesh = sharding.make_mesh({"data": 1, "sequence": -1})
+    # each process reconstructs its own images on its own devices (image rows split over them): no process
+    # waits for another's batch, and nothing but the metric sums crosses processes
+    mesh = sharding.make_mesh({"data": 1, "sequence": -1}, jax.local_devices())
     return reconstruct.roundtrip_fn(module, mesh, sample_posterior), params
 
 
@@ -218,15 +279,23 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+DISTRIBUTED = tuple(distributed.DEFAULTS)  # flags `--distributed.<name>`, as the config CLIs' fields
+
+
 def main(argv) -> None:
     del argv
     f = flags.FLAGS
+    settings = {name: f[f"distributed.{name}"].value for name in DISTRIBUTED}
     metrics = (
         [m for m in f.metrics.split(",") if m]
         if f.metrics
         else list(suite.RECONSTRUCTION if f.vae else suite.GENERATION)
     )
-    out = check_out(f.out)
+    wrong = distributed.problems(**settings) + _request_problems(metrics, f.batch_size)
+    if wrong:
+        raise ValueError("; ".join(wrong))
+    distributed.initialize(settings)  # before anything touches a device
+    out = check_out(f.out)  # on every process: a bad --out stops them all before any work
     paths = suite.Weights(
         f.fid_weights, f.clip, f.aesthetic_head, f.aesthetic_clip, f.lpips_backbone, f.lpips_heads, f.lpips_net
     )
@@ -235,9 +304,10 @@ def main(argv) -> None:
         batch_size=f.batch_size, limit=f.limit, vae=f.vae, stride=f.stride, vae_dtype=f.vae_dtype,
         sample_posterior=f.sample_posterior, seed=f.seed,
     )  # fmt: skip
-    files.write_json(out, report)
-    print(table(report))
-    print(f"{report['count']} images ({report['skipped_unreadable']} unreadable skipped); report: {out}")
+    if report is not None:  # process 0's
+        files.write_json(out, report)
+        print(table(report))
+        print(f"{report['count']} images ({report['skipped_unreadable']} unreadable skipped); report: {out}")
 
 
 if __name__ == "__main__":
@@ -276,4 +346,14 @@ if __name__ == "__main__":
     flags.DEFINE_string("vae_dtype", "bfloat16", "VAE compute dtype")
     flags.DEFINE_boolean("sample_posterior", False, "decode a posterior sample instead of the mean")
     flags.DEFINE_integer("seed", 0, "posterior sampling seed")
+    help_ = {
+        "coordinator_address": "HOST:PORT of process 0, for a run of several processes (each measures its share)",
+        "num_processes": "the number of processes",
+        "process_id": "this process, 0 to num_processes - 1",
+        "auto": "take the processes from the cluster (SLURM, Open MPI, Kubernetes, Cloud TPU)",
+        "timeout_s": "seconds to wait for the coordinator",
+    }
+    for name, default in distributed.DEFAULTS.items():
+        define = {str: flags.DEFINE_string, bool: flags.DEFINE_boolean, int: flags.DEFINE_integer}[type(default)]
+        define(f"distributed.{name}", default, help_[name])
     cli.run(main, config_flag=None)

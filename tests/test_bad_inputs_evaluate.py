@@ -62,3 +62,15 @@ def test_mixed_sizes(images, tmp_path):
     _image(mixed / "a.png", 64), _image(mixed / "b.png", 96)
     result = _evaluate(mixed, f"--out={tmp_path / 'r.json'}")
     assert_user_error(result, "a.png is 64x64", "b.png is 96x96", "--size", case="mixed sizes")
+
+
+def test_bad_distributed_flags_and_request_in_one_error(images, tmp_path):
+    result = run_cli(
+        EVALUATE, f"--images={images}", "--metrics=glcm,bogus", "--batch_size=0", f"--out={tmp_path / 'r.json'}",
+        "--distributed.coordinator_address=nohost", "--distributed.num_processes=2", "--distributed.process_id=5",
+    )  # fmt: skip
+    assert_user_error(
+        result, "distributed.coordinator_address='nohost': expected HOST:PORT", "distributed.process_id=5",
+        "expected 0 to 1", "unknown metrics ['bogus']", "--batch_size=0", case="bad --distributed.* flags",
+    )  # fmt: skip
+    assert not (tmp_path / "r.json").exists()

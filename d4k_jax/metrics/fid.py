@@ -29,27 +29,41 @@ WEIGHTS_FLAG = "--fid_weights"
 
 
 class InceptionFeatures:
-    """images [B, H, W, 3] (uint8, or float in [0, 255]) -> pool3 features [B, 2048] float32."""
+    """images [B, H, W, 3] (uint8, or float in [0, 255]) -> pool3 features [B, 2048] float32.
 
-    def __init__(self, module: InceptionV3, variables: Any):
-        self.module, self.variables = module, variables
+    With `batch_size`, the network always sees batches of exactly that many images (the last one padded by
+    repeating its final image, whose features are dropped): one program for a whole set, whatever its last batch
+    or the share of it a process reads."""
+
+    def __init__(self, module: InceptionV3, variables: Any, batch_size: int | None = None):
+        self.module, self.variables, self.batch_size = module, variables, batch_size
         # Two programs: the resize compiles per input size (cheap), the network only once per batch
         # size, because it always sees 299x299 (the model skips its own resize at that size).
         self._resize = jax.jit(resize_bilinear_tf1, static_argnames="size")
         self._net = jax.jit(module.apply)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike | None, *, dtype: Any = jnp.float32) -> InceptionFeatures:
+    def from_file(
+        cls, path: str | os.PathLike | None, *, dtype: Any = jnp.float32, batch_size: int | None = None
+    ) -> InceptionFeatures:
         """Load torch-fidelity's weights as safetensors (`python -m conversion.pickled` converts its .pth once);
         MissingWeights if unset or absent."""
         file = weights.require(path, WEIGHTS_NAME, WEIGHTS_FLAG)
 
-        return cls(*load_inception(file, dtype=dtype))
+        return cls(*load_inception(file, dtype=dtype), batch_size=batch_size)
 
     def __call__(self, images: Any) -> jax.Array:
         images = jnp.asarray(images)
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"FID features expect images [B, H, W, 3] in [0, 255], got shape {images.shape}")
+        if not self.batch_size:
+            return self._features(images)
+        n, size = len(images), self.batch_size
+        chunks = [images[i : i + size] for i in range(0, n, size)]
+        chunks[-1] = jnp.concatenate([chunks[-1], jnp.repeat(chunks[-1][-1:], size - len(chunks[-1]), axis=0)])
+        return jnp.concatenate([self._features(c) for c in chunks])[:n]
+
+    def _features(self, images: jax.Array) -> jax.Array:
         x = self._resize(images, size=(INPUT_SIZE, INPUT_SIZE))
         return self._net(self.variables, x)
 

@@ -8,11 +8,13 @@ scored with random weights. Results are `{name: {"value": float, "count": n}}` o
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+import jax
 import numpy as np
 
-from d4k_jax.metrics import compression, glcm, recon
+from d4k_jax.metrics import across, compression, glcm, recon
 from d4k_jax.metrics.aesthetic import Aesthetics
 from d4k_jax.metrics.clip_score import CLIPScore
 from d4k_jax.metrics.fid import FeatureStats, InceptionFeatures, fid
@@ -40,13 +42,20 @@ class Metrics:
     """Accumulates `names` over batches: `update(images, captions)` for generated images, `update_pairs`
     for (original, reconstruction) pairs. Networks load once, here."""
 
-    def __init__(self, names: Sequence[str], weights: Weights, reference: FeatureStats | None = None):
+    def __init__(
+        self,
+        names: Sequence[str],
+        weights: Weights,
+        reference: FeatureStats | None = None,
+        nets: Mapping[str, Any] | None = None,
+    ):
+        """`nets`: networks already loaded, by metric name (e.g. the FID network that measured the reference)."""
         unknown = set(names) - set(GENERATION) - set(RECONSTRUCTION)
         if unknown:
             raise ValueError(f"unknown metrics {sorted(unknown)}; known: {GENERATION + RECONSTRUCTION}")
         self.names, self.reference = list(names), reference
         self.not_computed: dict[str, str] = {}
-        self.nets = {}
+        self.nets = dict(nets or {})
         self.reset()
         loaders = {
             "fid": lambda: InceptionFeatures.from_file(weights.fid),
@@ -56,7 +65,7 @@ class Metrics:
             "lpips": lambda: LPIPSMetric.from_files(weights.lpips_backbone, weights.lpips_heads, net=weights.lpips_net),
         }
         for name in self.names:
-            if name in loaders:
+            if name in loaders and name not in self.nets:
                 try:
                     self.nets[name] = loaders[name]()
                 except MissingWeights as e:
@@ -67,6 +76,7 @@ class Metrics:
     def reset(self) -> None:
         """Empties the accumulators (the networks stay loaded), e.g. between training evaluations."""
         self.values: dict[str, list[float]] = {n: [] for n in self.names}
+        self.totals: dict[str, tuple[float, int]] = {}  # (sum, count) of `values` over processes, once reduced
         self.ratio = compression.CompressionRatio()
         self.stats = {k: FeatureStats() for k in ("generated", "original", "reconstructed")}
 
@@ -105,6 +115,43 @@ class Metrics:
             self.stats["original"].update(np.asarray(self.nets["rfid"](originals)))
             self.stats["reconstructed"].update(np.asarray(self.nets["rfid"](reconstructions)))
 
+    def _stats_in_use(self) -> list[str]:
+        # from the names alone, never from not_computed (which may differ between processes): every process
+        # must send the same arrays
+        return [
+            k for k, on in (("generated", "fid"), ("original", "rfid"), ("reconstructed", "rfid")) if on in self.names
+        ]
+
+    def reduce_across_processes(self) -> None:
+        """Every process's accumulators become the totals over all processes' images (each measured its share
+        of the set); a metric not computed on any process is not computed, with the first process's reason.
+        Every process must call it; with one process it changes nothing."""
+        if jax.process_count() == 1:
+            return
+        counts = [len(self.values[n]) for n in self.names]
+        r = self.ratio
+        flat = [np.sum(self.values[n]) if self.values[n] else 0.0 for n in self.names] + counts
+        flat += [r.raw_bytes, r.jpeg_bytes, r.count] + [self.stats[k].count for k in self._stats_in_use()]
+        flat = across.total(np.array(flat, np.float64))
+        k = len(self.names)
+        self.totals = {n: (float(flat[i]), int(flat[k + i])) for i, n in enumerate(self.names)}
+        r.raw_bytes, r.jpeg_bytes, r.count = (int(v) for v in flat[2 * k : 2 * k + 3])
+        for i, key in enumerate(self._stats_in_use()):
+            stats = self.stats[key]
+            stats.count, stats.sum, stats.outer = (
+                int(flat[2 * k + 3 + i]),
+                across.total(stats.sum),
+                across.total(stats.outer),
+            )
+        reasons: dict[str, str] = {}
+        for theirs in across.gather_json(self.not_computed):
+            reasons = {**theirs, **reasons}  # the first process's reason wins
+        self.not_computed = {n: reasons[n] for n in self.names if n in reasons}
+
+    def _mean(self, name: str) -> dict:
+        total, count = self.totals.get(name) or (float(np.sum(self.values[name])), len(self.values[name]))
+        return {"value": total / count, "count": count} if count else {"not_computed": "no images"}
+
     def result(self) -> dict[str, dict]:
         out = {}
         for name in self.names:
@@ -121,6 +168,5 @@ class Metrics:
                 else:
                     out[name] = {"value": fid(a, b), "count": a.count}
             else:
-                v = self.values[name]
-                out[name] = {"value": float(np.mean(v)), "count": len(v)} if v else {"not_computed": "no images"}
+                out[name] = self._mean(name)
         return out
