@@ -53,15 +53,7 @@ def run(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[dict]:
     logging.info("%d training images in %s; global batch %d on mesh %s", len(captions), data_dir, global_batch, mesh)
 
     dtype = jnp.dtype(c.dtype)
-    stride = {"stride": c.vae_stride} if c.vae_stride else {}
-    pipe = pipeline_class(c.model).from_pretrained(  # the transformer read straight onto its train shardings
-        path,
-        dtype=dtype,
-        vae=base.load(path, "vae", dtype, sharding=train_state.replicated(mesh), **stride),  # each process reads it
-        param_dtype=jnp.dtype(c.param_dtype),
-        remat=c.train.remat,
-        sharding=(mesh, rules),
-    )
+    pipe = _pipeline(c, path, mesh, rules)
     module, params = pipe.transformer
     pipe.transformer = base.Component(module, None)  # the trainer owns the params; SampleEval passes its own
     cache = text_cache.build(
@@ -100,6 +92,20 @@ def run(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[dict]:
     if int(trainer.state.step) == c.train.steps:
         finish(c, workdir, path, module, trainer.state.params, c.train.steps)
     return rows
+
+
+def _pipeline(c: ml_collections.ConfigDict, path: Path, mesh, rules) -> base.Pipeline:
+    """The pipeline, its transformer read straight onto its train shardings and its VAE onto a replicated one
+    (each process reads the slices its devices hold; nothing is put from one host onto other hosts' devices)."""
+    dtype, stride = jnp.dtype(c.dtype), {"stride": c.vae_stride} if c.vae_stride else {}
+    return pipeline_class(c.model).from_pretrained(
+        path,
+        dtype=dtype,
+        vae=base.load(path, "vae", dtype, sharding=train_state.replicated(mesh), **stride),
+        param_dtype=jnp.dtype(c.param_dtype),
+        remat=c.train.remat,
+        sharding=(mesh, rules),
+    )
 
 
 def _check_and_record(c: ml_collections.ConfigDict, workdir: Path) -> dict:
