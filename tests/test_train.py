@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -16,6 +17,7 @@ from tiny_pipelines import flux_pipeline, sd3_pipeline
 from configs import flux_wlf, sd3_wlf
 from d4k_jax import checkpoint, sample_eval, train, train_config
 from d4k_jax.export import EXPORT_RECORD, export_pipeline, exported_step
+from d4k_jax.pipelines import base
 from d4k_jax.pipelines.flux import FluxPipeline
 from d4k_jax.pipelines.sd3 import SD3Pipeline
 
@@ -70,10 +72,13 @@ def test_train_writes_metrics_samples_and_a_loadable_pipeline(pipe_dir, straight
     assert images.shape == (1, 32, 32, 3)
 
 
-def test_rerunning_resumes_with_the_uninterrupted_losses(pipe_dir, straight, tmp_path):
+def test_rerunning_resumes_with_the_uninterrupted_losses(pipe_dir, straight, tmp_path, monkeypatch):
     straight = _losses(straight[0])
     train.run(_config(pipe_dir, steps=3), tmp_path / "b")  # stops after step 3 (a checkpoint)
+    read, load = [], base.load_component
+    monkeypatch.setattr(base, "load_component", lambda path, **kw: read.append(Path(path).name) or load(path, **kw))
     resumed = train.run(_config(pipe_dir), tmp_path / "b")
+    assert sorted(read) == ["transformer", "vae"]  # text cache and eval embeddings kept: no text encoder is read
     assert [r["step"] for r in resumed] == [4, 5, 6]
     # the data iterator's state is restored with the train state: same images, crops and flips
     np.testing.assert_allclose([r["loss"] for r in resumed], [straight[s] for s in (4, 5, 6)], rtol=1e-5)

@@ -15,9 +15,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from d4k_jax.diffusion.flow import SchedulerConfig
-from d4k_jax.io import class_name, load_component, load_config
+from d4k_jax.io import class_name, kind_for, load_component, load_config
 from d4k_jax.models import vae_keys
 from d4k_jax.models.vae import AutoencoderKL
 from d4k_jax.pipelines.scheduler import load_scheduler
@@ -32,9 +33,40 @@ class Component(NamedTuple):
     params: Any
 
 
-def component(pair: tuple[nn.Module, Any] | None) -> Component | None:
-    """A (module, params) pair as a Component (None stays None)."""
-    return None if pair is None else Component(*pair)
+def component(pair: tuple[nn.Module, Any] | Deferred | None) -> Component | Deferred | None:
+    """A (module, params) pair as a Component (None and Deferred components stay as they are)."""
+    return pair if pair is None or isinstance(pair, Deferred) else Component(*pair)
+
+
+class Deferred:
+    """A component whose module is built from its config.json at once and whose weights are read the first
+    time `params` is used: the text encoders, which a run may never need (a resumed training run whose text
+    cache and eval embeddings exist never reads T5-XXL's 9.5 GB)."""
+
+    def __init__(self, folder: Path, dtype: Any):
+        cfg = load_config(folder)
+        kind = kind_for(cfg, str(folder / "config.json"))
+        self.folder, self.dtype = folder, dtype
+        self.module = kind.build(kind.config_from(cfg), dtype=dtype, param_dtype=dtype)
+        self._params = None
+
+    @property
+    def params(self) -> Any:
+        if self._params is None:
+            logging.info("reading %s", self.folder)
+            self._params = load_component(self.folder, dtype=self.dtype, param_dtype=self.dtype)[1]
+        return self._params
+
+    @property
+    def loaded(self) -> bool:
+        return self._params is not None
+
+
+def deferred(path: Path, name: str, dtype: Any) -> Deferred:
+    """One pipeline component folder, read on first use (see Deferred)."""
+    if not (path / name).is_dir():
+        raise FileNotFoundError(f"{path}: no {name}/ component folder (a diffusers pipeline or converted directory)")
+    return Deferred(path / name, dtype)
 
 
 def load(path: Path, name: str, dtype: Any, **overrides: Any) -> Component:

@@ -44,8 +44,8 @@ class FluxPipeline(base.Pipeline):
     @classmethod
     def text_components(cls, path: Path, dtype: Any) -> dict[str, Any]:
         return dict(
-            text_encoder=base.load(path, "text_encoder", dtype),
-            text_encoder_2=base.load(path, "text_encoder_2", dtype),
+            text_encoder=base.deferred(path, "text_encoder", dtype),
+            text_encoder_2=base.deferred(path, "text_encoder_2", dtype),
             tokenizer=Tokenizer(path / "tokenizer"),
             tokenizer_2=Tokenizer(path / "tokenizer_2", 512),
         )

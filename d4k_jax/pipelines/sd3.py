@@ -53,9 +53,9 @@ class SD3Pipeline(base.Pipeline):
     def text_components(cls, path: Path, dtype: Any) -> dict[str, Any]:
         has_t5 = (path / "text_encoder_3").is_dir()  # SD3 runs without T5 (zeros in its place)
         return dict(
-            text_encoder=base.load(path, "text_encoder", dtype),
-            text_encoder_2=base.load(path, "text_encoder_2", dtype),
-            text_encoder_3=base.load(path, "text_encoder_3", dtype) if has_t5 else None,
+            text_encoder=base.deferred(path, "text_encoder", dtype),
+            text_encoder_2=base.deferred(path, "text_encoder_2", dtype),
+            text_encoder_3=base.deferred(path, "text_encoder_3", dtype) if has_t5 else None,
             tokenizer=Tokenizer(path / "tokenizer"),
             tokenizer_2=Tokenizer(path / "tokenizer_2"),
             tokenizer_3=Tokenizer(path / "tokenizer_3", 256) if has_t5 else None,
