@@ -18,8 +18,8 @@ from d4k_jax.pipelines.tokenizer import Tokenizer
 
 class FluxPipeline(base.Pipeline):
     """Components are base.Component (module, params) pairs; `from_pretrained` loads them from a pipeline
-    folder. `scheduler` holds the schedule settings (the folder's scheduler_config.json; FLUX.1-dev's by
-    default). Guidance-distilled: no negative prompt, no CFG."""
+    folder (the text encoders as base.Deferred: read on first use). `scheduler` holds the schedule settings
+    (the folder's scheduler_config.json; FLUX.1-dev's by default). Guidance-distilled: no negative prompt, no CFG."""
 
     model = "flux"
     transformer_class = "FluxTransformer2DModel"

@@ -19,8 +19,9 @@ from d4k_jax.pipelines.tokenizer import Tokenizer
 
 class SD3Pipeline(base.Pipeline):
     """Components are base.Component (module, params) pairs (text_encoder_3 may be None: T5 dropped, zeros
-    in its place). `scheduler` holds the schedule settings (the folder's scheduler_config.json; SD3-medium's
-    by default). Classifier-free guidance with a negative prompt when guidance_scale > 1."""
+    in its place; `from_pretrained`'s text encoders are base.Deferred, read on first use). `scheduler` holds
+    the schedule settings (the folder's scheduler_config.json; SD3-medium's by default). Classifier-free
+    guidance with a negative prompt when guidance_scale > 1."""
 
     model = "sd3"
     transformer_class = "SD3Transformer2DModel"
