@@ -82,7 +82,8 @@ def build(
         "text_cache",
         timeout_s,
         f"the other processes wait for process 0 to encode {len(captions)} captions into the text cache {path}; "
-        "see process 0's log for an error or its progress (a larger timeout_s if it is only slow)",
+        "see process 0's log for an error or its progress (a larger timeout_s if it is only slow); the cache must "
+        "be on a filesystem every process sees",
     )
     if not (done.is_file() and json.loads(done.read_text()) == want):
         raise FileNotFoundError(
