@@ -6,7 +6,9 @@ count and this process's id, or set `auto` where JAX detects the cluster itself 
 Cloud TPU). It must run before anything touches a device.
 
 A process that cannot reach the coordinator would be aborted by JAX's C++ client after the timeout with a
-bare DEADLINE_EXCEEDED; it is checked here first, so that the error names the address it tried.
+bare DEADLINE_EXCEEDED; it is checked here first, so that the error names the address it tried. `barrier`
+waits for the other processes with a timeout and says what was awaited (multihost_utils.sync_global_devices
+has no timeout).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any
 
 import jax
 from absl import logging
+from jax._src import distributed as _jax_distributed
+from jax.experimental import multihost_utils
 
 DEFAULTS = dict(coordinator_address="", num_processes=0, process_id=-1, auto=False, timeout_s=300)
 
@@ -85,3 +89,26 @@ def wait_for(address: str, timeout_s: float) -> None:
                     f"({e.strerror or e}); start process 0 there, or check the host, port and firewall"
                 ) from None
             time.sleep(0.5)
+
+
+def barrier(name: str, timeout_s: float, waiting_for: str) -> None:
+    """Every process waits here until all have reached `name`; nothing to wait for with one process. After
+    `timeout_s` every process raises a TimeoutError that names the barrier, the wait and `waiting_for` (what
+    the slow process is doing, and what to check). The wait is the coordination service's barrier (no device
+    computation); a name may be used again once all have passed it."""
+    if jax.process_count() == 1:
+        return
+    client = _jax_distributed.global_state.client
+    if client is None:  # several processes without jax.distributed (none known): the device barrier, no timeout
+        multihost_utils.sync_global_devices(name)
+        return
+    try:
+        client.wait_at_barrier(name, int(timeout_s * 1000))
+    except jax.errors.JaxRuntimeError as e:
+        if "DEADLINE_EXCEEDED" not in str(e):
+            raise
+        report = " ".join(line for line in str(e).splitlines() if line.strip() and not line.startswith("RPC:"))
+        raise TimeoutError(
+            f"process {jax.process_index()} of {jax.process_count()}: the processes did not all reach the "
+            f"barrier {name!r} within {timeout_s:g} s; {waiting_for}. JAX: {report}"
+        ) from None

@@ -3,9 +3,11 @@
 `Trainer(model, params, tx, loss_cfg, mesh, ...)` owns the step; `fit(batches, workdir, num_steps)` runs it
 from the latest checkpoint in `workdir/checkpoints` (or from step 0). Each checkpoint holds the train state
 (params, optimizer state, step) and, when the batch iterator has `get_state` / `set_state` (a JSON-able
-dict: d4k_jax.data.input_pipeline's loader, tests/array_batches.py), the iterator's state per process, so
-a resumed run sees the same data. The run's randomness is fold_in(key(seed), step): the seed in the config
-is the whole RNG state.
+dict: d4k_jax.data.input_pipeline's loader, tests/array_batches.py), the iterator's state per process plus
+the data position (records read, global batch, process count), so a resumed run sees the same data: from
+the iterator's state when the process count and global batch are the same, else from the position
+(`_restore_data`). The run's randomness is fold_in(key(seed), step): the seed in the config is the whole
+RNG state. A SIGTERM to any one process makes every process save the same step and return (`_Preemption`).
 
 Batches are dicts of `image` [B, H, W, 3] (encoded by the frozen `vae` inside the step) or `x0` latents,
 plus `text` [B, T, D] and `pooled` [B, P]; `prepare(batch)` turns what the iterator yields into that
@@ -73,6 +75,7 @@ class Trainer:
         self.key, self.nan_policy, self.lr_schedule = jax.random.key(seed), nan_policy, lr_schedule
         self.peak_flops = peak_flops or flops.peak_flops(mesh.devices.flat[0])
         self._model_flops: float | None = None
+        self._records: int | None = 0  # the loader's records read so far (see _restore_data)
         abstract = train_state.abstract_train_state(model, init_inputs, tx, mesh, rules)
         self.state_sharding = train_state.shardings_of(abstract)
         self.param_sharding = self.state_sharding.params
@@ -111,19 +114,21 @@ class Trainer:
     ) -> list[dict]:
         """Train up to `num_steps` (resuming from the latest checkpoint); returns the logged metrics.
 
-        A SIGTERM (preemption) finishes the current step, saves a checkpoint and returns early. `metadata`
-        (e.g. the run's config) is stored with the checkpoints (`CheckpointManager.metadata()`). Rows that a
-        crash logged past the restored step are dropped from metrics.jsonl (see metric_writers). `progress`
-        shows a bar on process 0's stderr: step (from the resumed one), loss, images/s, time left.
+        A SIGTERM (preemption) to any process finishes a step, the same one on every process, saves its
+        checkpoint and returns early. `metadata` (e.g. the run's config) is stored with the checkpoints
+        (`CheckpointManager.metadata()`). Rows that a crash logged past the restored step are dropped from
+        metrics.jsonl (see metric_writers). `progress` shows a bar on process 0's stderr: step (from the
+        resumed one), loss, images/s, time left.
         """
         workdir = Path(workdir).absolute()
         workdir.mkdir(parents=True, exist_ok=True)
         data = batches if hasattr(batches, "get_state") and hasattr(batches, "set_state") else None
-        logged = []
+        logged, self._records = [], 0
         with _checkpoints(workdir, checkpoint_every, keep, data, metadata) as manager, _Preemption() as preempted:
             if manager.latest_step() is not None:
                 self.restore(manager, manager.latest_step(), data)
             start = int(self.state.step)
+            preempted(start)  # every process's step count starts at the restored step (see _Preemption)
             with (
                 MetricWriter(workdir, resume_step=start) as writer,
                 _progress_bar(start, num_steps, progress) as bar,
@@ -132,6 +137,8 @@ class Trainer:
                 for step in range(start + 1, num_steps + 1):  # the number of the step being taken
                     t0 = time.perf_counter()
                     batch, size = self._next_batch(batches, prepare)
+                    # records read: None after a checkpoint that did not record them (see _restore_data)
+                    self._records = (start * size if self._records is None else self._records) + size
                     self.state, metrics = self._step(self.state, batch, self.key, self.vae_params)
                     metrics = jax.device_get(metrics)
                     if not metrics["finite"]:
@@ -142,9 +149,10 @@ class Trainer:
                         row = {**self._row(step, metrics, seconds, size, batch), **extra}
                         logged.append(_write_row(row, writer, bar))
                     bar.update()
-                    last = step == num_steps or preempted.is_set()
-                    manager.save(step, args=_checkpoint_items(self.state, data), force=last)
-                    if preempted.is_set():
+                    stop = preempted(step)  # asked by every process at every step
+                    items = _checkpoint_items(self.state, data, self._records, size)
+                    manager.save(step, args=items, force=stop or step == num_steps)
+                    if stop:
                         logging.warning("SIGTERM: saved the checkpoint of step %d; rerun to resume", step)
                         break
             manager.wait_until_finished()
@@ -212,31 +220,68 @@ class Trainer:
         return jax.ShapeDtypeStruct((b, h // f, w // f, self.vae.config.latent_channels), jnp.float32)
 
     def restore(self, manager: ocp.CheckpointManager, step: int, batches: Any = None) -> None:
-        """Restore onto this trainer's shardings (so a different device count works) and the iterator's state."""
+        """Restore onto this trainer's shardings (so a different device count works) and the iterator's
+        position (`_restore_data`: any process count)."""
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
-        items = {"state": ocp.args.StandardRestore(target)}
-        if batches is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(_JsonState(batches))
-        self.state = manager.restore(step, args=ocp.args.Composite(**items))["state"]
+        self.state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+        self._records = None if batches is None else _restore_data(manager, step, batches)
         logging.info("resumed from step %d", int(self.state.step))
 
 
 def _checkpoints(workdir: Path, every: int, keep: int, data: Any, metadata: dict | None) -> ocp.CheckpointManager:
     """The manager of workdir/checkpoints: item "state" (the TrainState, orbax's standard handler) and, for an
-    iterator with get_state / set_state (`data`), item "data" (grain's handler: one JSON file per process)."""
+    iterator with get_state / set_state (`data`), items "data" (grain's handler: one JSON file per process)
+    and "position" (one JSON: records read, global batch, process count; see _restore_data)."""
     handlers = {"state": ocp.StandardCheckpointHandler()}
     if data is not None:
-        handlers["data"] = grain.checkpoint.CheckpointHandler()
+        handlers |= {"data": grain.checkpoint.CheckpointHandler(), "position": ocp.JsonCheckpointHandler()}
     options = ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep)
     return ocp.CheckpointManager(workdir / "checkpoints", options=options, item_handlers=handlers, metadata=metadata)
 
 
-def _checkpoint_items(state: ts.TrainState, data: Any) -> ocp.args.Composite:
-    """What `_checkpoints`' manager saves: the state and, when there is one, the iterator's state."""
+def _checkpoint_items(state: ts.TrainState, data: Any, records: int, global_batch: int) -> ocp.args.Composite:
+    """What `_checkpoints`' manager saves: the state and, when there is one, the iterator's state and position."""
     items = {"state": ocp.args.StandardSave(state)}
     if data is not None:
-        items["data"] = grain.checkpoint.CheckpointSave(_JsonState(data))
+        position = {"records": records, "global_batch": global_batch, "process_count": jax.process_count()}
+        items |= {"data": grain.checkpoint.CheckpointSave(_JsonState(data)), "position": ocp.args.JsonSave(position)}
     return ocp.args.Composite(**items)
+
+
+def _restore_data(manager: ocp.CheckpointManager, step: int, batches: Any) -> int | None:
+    """Put `batches` where the run saved in checkpoint `step` was; returns the records read by then (None:
+    not recorded, a checkpoint from before the position was).
+
+    grain's state (one file per process) is exact, filtered records included, but only for the process
+    count and global batch that wrote it. Otherwise the iterator's `seek(records)` recomputes the position
+    (the loader's global order does not depend on the process count): records dropped as undecodable before
+    it are not counted, so that many are read again. A checkpoint without a position is taken to have read
+    `step` global batches of this run's size.
+    """
+    folder = Path(manager.directory) / str(step)
+    position = None
+    if (folder / "position").is_dir():
+        position = manager.restore(step, args=ocp.args.Composite(position=ocp.args.JsonRestore()))["position"]
+    size = getattr(batches, "global_batch_size", None)
+    saved = (position or {}).get("process_count", jax.process_count()), (position or {}).get("global_batch", size)
+    mine = folder / "data" / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if mine.is_file() and saved[0] == jax.process_count() and (size is None or saved[1] == size):
+        manager.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(_JsonState(batches))))
+        return position["records"] if position else None
+    if not hasattr(batches, "seek") or (position is None and size is None):
+        raise ValueError(
+            f"{folder} holds the data iterator's state of {saved[0]} process(es) and a global batch of {saved[1]}, "
+            f"which does not restore onto {jax.process_count()} process(es) and a global batch of {size}: that "
+            "needs an iterator with seek(records) and global_batch_size (as d4k_jax.data.input_pipeline's loader)"
+        )
+    records = position["records"] if position else step * size
+    done = batches.seek(records)
+    logging.warning(
+        "data position recomputed for %d process(es) and a global batch of %s (the checkpoint's: %d and %s): "
+        "%d records read up to step %d, resuming at record %d (records dropped as undecodable are read again)",
+        *(jax.process_count(), size, *saved, records, step, done),
+    )
+    return done
 
 
 def _run_hooks(hooks: Sequence[Hook], step: int, state: ts.TrainState, writer: MetricWriter) -> dict:
@@ -292,15 +337,31 @@ class _JsonState:
 
 
 class _Preemption:
-    """Sets an event on SIGTERM for the duration of a `with` block (main thread only), then restores the
-    previous handler: the loop saves a checkpoint and stops instead of dying mid-step."""
+    """SIGTERM (a preemption notice) -> `stop(step)`: True at the step at which to save and stop, the same
+    step on every process. Ask it at every step on every process, with the step number.
 
-    def __enter__(self) -> threading.Event:
-        self.event = threading.Event()
+    One process: a Python handler sets a flag for the duration of the `with` block (main thread only), then
+    the previous handler is restored. Several: JAX's preemption sync manager (orbax's `reached_preemption`),
+    which jax.distributed.initialize starts. Its C++ handler owns SIGTERM and only records it (the process
+    carries on); a thread notices within a second and tells the coordinator, and all processes agree on the
+    step after the furthest one any has asked about. A Python handler would replace the C++ one (the notice
+    would reach no process), so none is installed. Its step counts start at 0: a notice during start-up,
+    before the resumed step is asked about, names step 1 and is not acted on (the last checkpoint stands).
+    With jax_enable_preemption_service off there is no handler: SIGTERM ends the processes.
+    """
+
+    def __enter__(self) -> Callable[[int], bool]:
         self.previous = None
+        if jax.process_count() > 1:
+            return self._synced
+        event = threading.Event()
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGTERM, lambda *_: self.event.set())
-        return self.event
+            self.previous = signal.signal(signal.SIGTERM, lambda *_: event.set())
+        return lambda step: event.is_set()
+
+    @staticmethod
+    def _synced(step: int) -> bool:
+        return ocp.multihost.reached_preemption(step)
 
     def __exit__(self, *exc) -> None:
         if self.previous is not None:

@@ -136,10 +136,12 @@ class _Decoded(grain.FilterTransform):
 
 
 class Loader(Iterator[dict[str, np.ndarray]]):
-    """Batches from a grain DataLoader, with JSON-able `get_state()` / `set_state()` for the trainer's checkpoint."""
+    """Batches from a grain DataLoader, with JSON-able `get_state()` / `set_state()` for the trainer's checkpoint
+    (exact, for the same process count, global batch and worker count) and `seek(records)` for any other."""
 
-    def __init__(self, loader: grain.DataLoader, transform: RandomCropFlip):
+    def __init__(self, loader: grain.DataLoader, transform: RandomCropFlip, global_batch_size: int, processes: int):
         self._loader, self._transform = loader, transform
+        self.global_batch_size, self._processes = global_batch_size, processes
         self._it = iter(loader)
 
     def __next__(self) -> dict[str, np.ndarray]:
@@ -153,10 +155,34 @@ class Loader(Iterator[dict[str, np.ndarray]]):
             state = json.dumps(state)
         self._it.set_state(state.encode() if isinstance(state, str) else state)
 
+    def seek(self, records: int) -> int:
+        """Continue after the first `records` records of the run's global order, which does not depend on the
+        process count (see make_loader), so a checkpoint of another process count or global batch resumes
+        here. Returns the records skipped: whole global batches of this loader (a position inside one is
+        rounded down, and those records are read again). Records dropped as undecodable are not counted by
+        the caller (the trainer counts batch rows), so after k of them the stream restarts k records early."""
+        batches = records // self.global_batch_size
+        state = self.get_state()
+        state["last_seen_indices"], state["last_worker_index"] = _positions(
+            batches, self.global_batch_size // self._processes, state["worker_count"]
+        )
+        self.set_state(state)
+        return batches * self.global_batch_size
+
     @property
     def skipped(self) -> list[int]:
         """Keys skipped as undecodable so far in this process (with workers, each worker logs its own)."""
         return list(self._transform.skipped)
+
+
+def _positions(batches: int, batch: int, workers: int) -> tuple[dict[str, int], int]:
+    """grain DataLoader state (last_seen_indices, last_worker_index) after `batches` batches of `batch` rows
+    with nothing filtered: one stream without workers; with W workers, worker w reads sampler indices w, w + W,
+    ... and batches them itself, and the batches come from the workers in turn."""
+    if not workers:
+        return {"0": batches * batch - 1}, -1
+    made = [batches // workers + (w < batches % workers) for w in range(workers)]
+    return {str(w): w - workers + made[w] * batch * workers for w in range(workers)}, batches % workers - 1
 
 
 def make_loader(
@@ -205,4 +231,4 @@ def make_loader(
         # grain's default read-ahead (500 records) would hold gigabytes of 4K image bytes per worker.
         read_options=grain.ReadOptions(num_threads=8, prefetch_buffer_size=max(2 * batch, 8)),
     )
-    return Loader(loader, transform)
+    return Loader(loader, transform, global_batch_size, process_count)

@@ -4,7 +4,8 @@ Training never runs the encoders (T5-XXL alone is 9.5 GB in bf16): `build` encod
 split into `text.npy` [N, T, D] and `pooled.npy` [N, P] (bfloat16 is stored as its uint16 bits), and the
 trainer looks batches up by the loader's record `key`. `fingerprint.json` records what made the cache
 (model, lengths, dtype, a hash of the captions); a mismatch rebuilds it rather than training on stale
-embeddings.
+embeddings. With several processes, process 0 builds the cache and the others wait for it (up to
+`timeout_s`), then read it from the same path: it must be on a filesystem every process sees.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from d4k_jax import sharding
+from d4k_jax import distributed
 
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 Encode = Callable[[list[str]], tuple[Any, Any]]  # captions -> (text [b, T, D], pooled [b, P])
@@ -57,10 +58,18 @@ def fingerprint(captions: Sequence[str], **what: Any) -> dict:
 
 
 def build(
-    path: str | Path, captions: Sequence[str], encode: Encode, *, dtype: Any, batch_size: int = 16, **what: Any
+    path: str | Path,
+    captions: Sequence[str],
+    encode: Encode,
+    *,
+    dtype: Any,
+    batch_size: int = 16,
+    timeout_s: float = 3600,
+    **what: Any,
 ) -> TextCache:
     """The cache at `path` for these captions, encoding them (process 0, in fixed-size batches) unless a
-    cache made from the same captions and settings (`what`: model path, lengths...) is already there."""
+    cache made from the same captions and settings (`what`: model path, lengths...) is already there. The
+    other processes wait for process 0 up to `timeout_s` (a TimeoutError that says what to check)."""
     path, dtype = Path(path), np.dtype(dtype)
     want = fingerprint(captions, dtype=dtype.name, **what)
     done = path / "fingerprint.json"
@@ -69,7 +78,18 @@ def build(
             logging.warning("text cache %s was made from other captions or settings: rebuilding", path)
             shutil.rmtree(path)
         _write(path, list(captions), encode, dtype, batch_size, want)
-    sharding.sync_processes("text_cache")  # the others wait for process 0 (the cache must be on a shared filesystem)
+    distributed.barrier(
+        "text_cache",
+        timeout_s,
+        f"the other processes wait for process 0 to encode {len(captions)} captions into the text cache {path}; "
+        "see process 0's log for an error or its progress (a larger timeout_s if it is only slow); the cache must "
+        "be on a filesystem every process sees",
+    )
+    if not (done.is_file() and json.loads(done.read_text()) == want):
+        raise FileNotFoundError(
+            f"process {jax.process_index()}: process 0 wrote the text cache {path}, but it is missing or another "
+            "one here: every process must see the same workdir (a shared filesystem, not a local disk per host)"
+        )
     return TextCache(path)
 
 
