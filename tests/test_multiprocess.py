@@ -112,6 +112,4 @@ def test_training_stopped_on_one_process_resumes_on_any_process_count(tmp_path):
     two = load_component(tmp_path / "resumed_2x4" / "pipeline" / "transformer")[1]
     one = load_component(tmp_path / "one" / "pipeline" / "transformer")[1]
     assert {a.sharding.device_set == {jax.devices()[0]} for a in jax.tree.leaves(two)} == {True}
-    diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), two, one)
-    print("export 2x4 vs 1x8 max abs diff", max(jax.tree.leaves(diffs)))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), two, one)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), two, one)  # measured: equal
