@@ -15,20 +15,8 @@ from d4k_jax.io.safetensors_io import save_file
 from d4k_jax.models import mmdit_keys as sd3_map
 from d4k_jax.models.keymap import param_shapes, to_torch
 from d4k_jax.models.mmdit import MMDiT, MMDiTConfig
+from d4k_jax.models.mmdit_keys import SD3_MEDIUM
 
-SD3_MEDIUM = dict(
-    sample_size=128,
-    patch_size=2,
-    in_channels=16,
-    num_layers=24,
-    attention_head_dim=64,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    caption_projection_dim=1536,
-    pooled_projection_dim=2048,
-    out_channels=16,
-    pos_embed_max_size=192,
-)
 SD35_MEDIUM = dict(SD3_MEDIUM, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm", pos_embed_max_size=384)
 
 

@@ -21,20 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-SD3_MEDIUM = dict(
-    _class_name="SD3Transformer2DModel",
-    sample_size=128,
-    patch_size=2,
-    in_channels=16,
-    num_layers=24,
-    attention_head_dim=64,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    caption_projection_dim=1536,
-    pooled_projection_dim=2048,
-    out_channels=16,
-    pos_embed_max_size=192,
-)
+from d4k_jax.models.mmdit_keys import SD3_MEDIUM
 
 
 def torch_shapes(config: dict) -> dict[str, tuple[int, ...]]:
@@ -62,8 +49,9 @@ def make(folder: Path, seed: int = 0) -> None:
 
     out = folder / "transformer"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(SD3_MEDIUM, indent=2) + "\n")
-    shapes = torch_shapes(SD3_MEDIUM)
+    config = {"_class_name": "SD3Transformer2DModel", **SD3_MEDIUM}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    shapes = torch_shapes(config)
     header, offset = {}, 0
     for name, shape in shapes.items():
         size = 2 * int(np.prod(shape))

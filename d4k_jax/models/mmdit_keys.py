@@ -16,6 +16,20 @@ from d4k_jax.models.mmdit import MMDiTConfig
 
 CLASS_NAMES = ("SD3Transformer2DModel",)
 SAI_PREFIX = "model.diffusion_model."
+# transformer/config.json of stabilityai/stable-diffusion-3-medium-diffusers (without "_class_name")
+SD3_MEDIUM = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    out_channels=16,
+    pos_embed_max_size=192,
+)
 
 
 def config_from_diffusers(cfg: Mapping[str, Any]) -> MMDiTConfig:
