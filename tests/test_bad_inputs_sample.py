@@ -92,13 +92,14 @@ def test_existing_outdir_from_another_setting(root, finished):
 
 
 def test_disk_full_keeps_what_was_written(root, finished):
-    """metadata.jsonl reaches the size limit first: the images before are intact with their lines, the
-    image whose line did not fit is on disk (a rerun makes it again), its line cut short."""
+    """The process's metadata file (merged into metadata.jsonl when the run ends) reaches the size limit
+    first: the images before are intact with their lines, the image whose line did not fit is on disk (a
+    rerun makes it again), its line cut short."""
     out, limit = root / "full", 1500
     result = _sample(root, out, file_size=limit)
-    assert_user_error(result, "disk is full", str(out / "metadata.jsonl"), case="disk full")
+    assert_user_error(result, "disk is full", str(out / "metadata.process_0.jsonl"), case="disk full")
     fit = max(k for k in range(IMAGES) if sum(len(x) + 1 for x in finished[1][:k]) <= limit)
-    text = (out / "metadata.jsonl").read_text()
+    text = (out / "metadata.process_0.jsonl").read_text()
     assert text.startswith("".join(x + "\n" for x in finished[1][:fit])) and len(text) <= limit
     images = _written(out)[0]
     assert sorted(images) == sorted(finished[0])[: fit + 1] and all(images[n] == finished[0][n] for n in images)
