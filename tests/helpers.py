@@ -24,14 +24,22 @@ def save_component(model, folder: Path) -> Path:
 def assert_maps_onto(torch_shapes: dict, rules, flax_shapes: dict) -> None:
     """Every torch tensor maps onto exactly one Flax parameter of the right shape, checked without
     building full-size arrays: one pass with each kernel's input dim cut to 1 and one with its output
-    dim cut to 1 (biases and norms stay whole), under the strict accounting of `to_flax`."""
+    dim cut to 1 (biases and norms stay whole), under the strict accounting of `to_flax`. A weight split
+    along its inputs (a rule with `windows`) keeps them whole: its output is cut in both passes."""
     from d4k_jax.models.keymap import to_flax
 
+    windowed = [r for r in rules if (r.layers or (r,))[0].windows]
+    keys = {k for r in windowed for k in r.src}
+    paths = {p for r in windowed for p in r.dst}
     for keep in ("out", "in"):
+        mine = lambda split, keep=keep: "in" if split else keep
         cut_torch = {
-            k: _cut(s, keep, torch_layout=True) if k.endswith(".weight") else s for k, s in torch_shapes.items()
+            k: _cut(s, mine(k in keys), torch_layout=True) if k.endswith(".weight") else s
+            for k, s in torch_shapes.items()
         }
-        cut_flax = {p: _cut(s, keep, torch_layout=False) if p[-1] == "kernel" else s for p, s in flax_shapes.items()}
+        cut_flax = {
+            p: _cut(s, mine(p in paths), torch_layout=False) if p[-1] == "kernel" else s for p, s in flax_shapes.items()
+        }
         source = {k: np.zeros(s, np.float32) for k, s in cut_torch.items()}
         out = to_flax(source, rules, cut_flax)
         assert {p: a.shape for p, a in out.items()} == cut_flax

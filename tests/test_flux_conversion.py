@@ -20,12 +20,15 @@ FLUX_DEV = FluxConfig()  # FLUX.1-dev: 19 + 38 blocks, 24 heads x 128, guidance 
 
 
 def _narrow(shapes, seed=0):
-    """Random params whose kernels have one input row: the maps only split / swap output rows and
-    transpose, so this checks every row of every tensor at the real sizes in a few MB."""
+    """Random params whose kernels have one input row: the maps split / swap output rows and transpose, so
+    this checks every row of every tensor at the real sizes in a few MB. The single blocks' proj_out parts
+    are split off their torch kernel's inputs: those keep their inputs and get one output instead."""
     rng = np.random.default_rng(seed)
     out = {}
     for path, shape in shapes.items():
-        if path[-1] == "kernel":
+        if path[-1] == "kernel" and path[-2] in flux_map.SINGLE_PROJ_OUT:
+            shape = (*shape[:-1], 1)
+        elif path[-1] == "kernel":
             shape = (*shape[:-2], 1, shape[-1])
         out[path] = rng.normal(size=shape).astype(np.float32)
     return out

@@ -8,13 +8,13 @@ from the checkpoint as it is placed, so that no device (and no process) ever hol
   a train state's parameter shardings);
 - one `Sharding` for every parameter (replicated over a mesh, or one device).
 
-Host memory, per process: a rule that only permutes axes (`copy`, `linear`, `conv` and `stacked` of them: all of a
-diffusers-layout model) reads exactly the slice each device needs (`get_slice`), one distinct shard at a time; a
-replicated parameter is read whole, once. Any other rule (BFL / SAI fused qkv `split_linear`, `swap_halves`, tied
-embeddings, squeezed 1x1 convs, stacks of those) is converted whole on the host once and sliced per shard: the
-peak is that one rule's outputs in the checkpoint's dtype (a stack is converted layer by layer into them), plus
-one layer's sources and one shard. The largest is FLUX.1-dev's BFL `single_blocks.*.linear1` (fused q, k, v, mlp)
-stacked over 38 layers: 38 x 21504 x 3072 bf16, 5.0 GB.
+Host memory, per process: a rule that only permutes axes (`copy`, `linear`, `conv`, `split_input`'s column
+windows and `stacked` of them: all of a diffusers-layout model) reads exactly the slice each device needs
+(`get_slice`), one distinct shard at a time; a replicated parameter is read whole, once. Any other rule (BFL /
+SAI fused qkv `split_linear`, `swap_halves`, tied embeddings, squeezed 1x1 convs, stacks of those) is converted
+whole on the host once and sliced per shard: the peak is that one rule's outputs in the checkpoint's dtype (a
+stack is converted layer by layer into them), plus one layer's sources and one shard. The largest is FLUX.1-dev's
+BFL `single_blocks.*.linear1` (fused q, k, v, mlp) stacked over 38 layers: 38 x 21504 x 3072 bf16, 5.0 GB.
 """
 
 from __future__ import annotations
@@ -88,10 +88,10 @@ def place(
     fill from `source`; each process reads only what its addressable devices hold."""
     out = {}
     for rule in rules:
-        read = _slice_reader(source, rule, dtype)
-        if read is not None:
-            (path,) = rule.dst
-            out[path] = _build(shapes[path], shardings[path], dtype, read)
+        readers = _slice_readers(source, rule, dtype)
+        if readers is not None:
+            for path, read in zip(rule.dst, readers, strict=True):
+                out[path] = _build(shapes[path], shardings[path], dtype, read)
             continue
         whole = functools.cache(lambda rule=rule: _convert(source, rule))  # freed after the rule
         for i, path in enumerate(rule.dst):
@@ -129,36 +129,40 @@ def _convert(source: Mapping[str, Any], rule: Rule) -> tuple[np.ndarray, ...]:
     return out
 
 
-def _slice_reader(source: Mapping[str, Any], rule: Rule, dtype: Any) -> Reader | None:
-    """index -> that slice of the rule's one output, read by the slice, for a rule that only permutes the axes of
-    its one source (or a stack of such rules, cast layer by layer into `dtype`); None for any other rule."""
+def _slice_readers(source: Mapping[str, Any], rule: Rule, dtype: Any) -> list[Reader] | None:
+    """For each of the rule's outputs, index -> that slice of it, read by the slice: for a rule that only permutes
+    the axes of (windows of) its one source, or a stack of such rules, cast layer by layer into `dtype`; None
+    for any other rule."""
     layers = rule.layers or (rule,)
-    if len(rule.dst) != 1 or any(len(r.src) != 1 or r.layers for r in layers):
+    if any(len(r.src) != 1 or r.layers or (r.windows is None and len(r.dst) != 1) for r in layers):
         return None
     perms = [r.permutation(len(_shape(source, r.src[0]))) for r in layers]
     if any(p is None for p in perms):
         return None
 
-    def one(i: int, index: Index) -> np.ndarray:
-        perm, at = perms[i], [slice(None)] * len(perms[i])
-        for axis, s in zip(perm, index, strict=True):  # output axis j is source axis perm[j]
-            at[axis] = s
-        return read_slice(source, layers[i].src[0], tuple(at)).transpose(perm)
+    def one(i: int, j: int, index: Index) -> np.ndarray:
+        layer, perm = layers[i], perms[i]
+        window = layer.windows[j] if layer.windows else (slice(None),) * len(perm)
+        at = list(window)
+        for axis, s in zip(perm, index, strict=True):  # output axis k is source axis perm[k], within the window
+            lo = window[axis].start or 0
+            start, stop, _ = s.indices((window[axis].stop or _shape(source, layer.src[0])[axis]) - lo)
+            at[axis] = slice(lo + start, lo + stop)
+        return read_slice(source, layer.src[0], tuple(at)).transpose(perm)
 
-    if not rule.layers:
-        return lambda index: one(0, index)
-
-    def stacked(index: Index) -> np.ndarray:
+    def stacked(j: int, index: Index) -> np.ndarray:
         ids = range(*index[0].indices(len(layers)))
         out = None
-        for j, i in enumerate(ids):
-            part = one(i, index[1:])
+        for n, i in enumerate(ids):
+            part = one(i, j, index[1:])
             if out is None:
                 out = np.empty((len(ids), *part.shape), dtype)
-            out[j] = part
+            out[n] = part
         return out
 
-    return stacked
+    if not rule.layers:
+        return [functools.partial(one, 0, j) for j in range(len(rule.dst))]
+    return [functools.partial(stacked, j) for j in range(len(rule.dst))]
 
 
 def read_slice(source: Mapping[str, Any], name: str, index: Index) -> np.ndarray:

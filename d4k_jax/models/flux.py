@@ -53,6 +53,10 @@ class FluxConfig:
             raise ValueError(f"in_channels {self.in_channels} must be 4 x the latent channels (2x2 packing)")
 
     @property
+    def mlp_dim(self) -> int:
+        return int(self.dim * self.mlp_ratio)
+
+    @property
     def dim(self) -> int:
         return self.num_attention_heads * self.attention_head_dim
 
@@ -128,10 +132,14 @@ class SingleBlock(_Block):
         d = self.config.dim
         shift, scale, gate = AdaLN(3, d, name="norm", **self.kw())(temb)
         h = modulate(self.norm(x), shift, scale)
-        mlp = Dense(int(d * self.config.mlp_ratio), axes=("embed", "mlp"), name="proj_mlp", **self.kw())(h)
+        mlp = Dense(self.config.mlp_dim, axes=("embed", "mlp"), name="proj_mlp", **self.kw())(h)
         attn = self.attention(out=False)(h, rope=(cos, sin))
-        y = jnp.concatenate([attn, nn.gelu(mlp, approximate=True)], axis=-1)
-        x = x + gate * Dense(d, axes=("mlp", "embed"), name="proj_out", **self.kw())(y)
+        # diffusers' proj_out acts on concat([attn, gelu(mlp)]): here two matmuls whose outputs add (the key
+        # maps split its kernel's columns), so that a head-sharded attn and an mlp-sharded MLP each contract
+        # where they are, with no [B, L, 5D] concatenation resharded between them under tensor parallelism
+        out = Dense(d, axes=("heads", "embed"), use_bias=False, name="proj_out_attn", **self.kw())(attn)
+        out += Dense(d, axes=("mlp", "embed"), name="proj_out_mlp", **self.kw())(nn.gelu(mlp, approximate=True))
+        x = x + gate * out
         return nn.with_logical_constraint(x, _TOKENS), None
 
 

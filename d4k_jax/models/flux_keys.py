@@ -11,7 +11,16 @@ from collections.abc import Mapping
 from typing import Any
 
 from d4k_jax.models.flux import FluxConfig
-from d4k_jax.models.keymap import Rule, copy, dense, split_linear, stacked, structural_rules, swap_halves
+from d4k_jax.models.keymap import (
+    Rule,
+    copy,
+    dense,
+    split_input,
+    split_linear,
+    stacked,
+    structural_rules,
+    swap_halves,
+)
 
 CLASS_NAMES = ("FluxTransformer2DModel",)
 _LAYERS = {name: (name, 0, True) for name in ("transformer_blocks", "single_transformer_blocks")}
@@ -37,8 +46,22 @@ def config_from_diffusers(cfg: Mapping[str, Any]) -> FluxConfig:
 
 
 def rules(config: FluxConfig, shapes: Mapping[tuple[str, ...], tuple[int, ...]]) -> list[Rule]:
-    del config
-    return structural_rules(shapes, layers=_LAYERS)
+    """The naming rule, but for the single blocks' proj_out, split into its attention and MLP parts."""
+    split = {p for p in shapes if p[0] == "single_transformer_blocks" and p[1] in SINGLE_PROJ_OUT}
+    return [
+        *structural_rules({p: s for p, s in shapes.items() if p not in split}, layers=_LAYERS),
+        *_single_proj_out(config, "single_transformer_blocks.{}.proj_out"),
+    ]
+
+
+SINGLE_PROJ_OUT = ("proj_out_attn", "proj_out_mlp")
+
+
+def _single_proj_out(config: FluxConfig, src: str) -> list[Rule]:
+    """Layer i's torch proj_out (over concat([attn, mlp])) -> the stacked proj_out_attn / proj_out_mlp."""
+    parts, sizes = [("single_transformer_blocks", name) for name in SINGLE_PROJ_OUT], [config.dim, config.mlp_dim]
+    per_layer = [split_input(src.format(i), parts, sizes) for i in range(config.num_single_layers)]
+    return [stacked(list(layer_rules)) for layer_rules in zip(*per_layer, strict=True)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -105,13 +128,13 @@ def bfl_rules(config: FluxConfig, shapes: Mapping[tuple[str, ...], tuple[int, ..
         qkvm = [(s, "attn", "to_q"), (s, "attn", "to_k"), (s, "attn", "to_v"), (s, "proj_mlp")]
         return [
             *split_linear(f"{b}linear1", qkvm, [d, d, d, mlp]),
-            *dense(f"{b}linear2", (s, "proj_out")),
             *dense(f"{b}modulation.lin", (s, "norm", "linear")),
             copy(f"{b}norm.query_norm.scale", (s, "attn", "norm_q", "scale")),
             copy(f"{b}norm.key_norm.scale", (s, "attn", "norm_k", "scale")),
         ]
 
     out = [
+        *_single_proj_out(config, prefix + "single_blocks.{}.linear2"),
         *dense(f"{prefix}img_in", ("x_embedder",)),
         *dense(f"{prefix}txt_in", ("context_embedder",)),
         *dense(f"{prefix}final_layer.linear", ("proj_out",)),

@@ -49,9 +49,11 @@ class Rule:
     inv: Callable[..., Arrays]  # Flax arrays -> torch arrays
     # What sharded loading may read by the slice: `perm` says fwd(x) is `(x.transpose(perm),)` of the one source
     # x when x.ndim == len(perm), `()` that it is x itself at any rank, None that fwd is no axis permutation;
+    # `windows` (with `perm`) that output j is `x[windows[j]].transpose(perm)` instead (parts of one tensor);
     # `layers` are the per-layer rules of a `stacked` rule.
     perm: tuple[int, ...] | None = None
     layers: tuple[Rule, ...] = ()
+    windows: tuple[tuple[slice, ...], ...] | None = None
 
     def permutation(self, ndim: int) -> tuple[int, ...] | None:
         """The axis permutation fwd applies to a source of rank `ndim`, or None (computed whole)."""
@@ -130,6 +132,17 @@ def split_linear(src: str, dsts: list[tuple[str, ...]], sizes: list[int]) -> lis
         return Rule((f"{src}.{t}",), tuple((*d, leaf) for d in dsts), fwd, inv)
 
     return [part("kernel", "weight"), part("bias", "bias")]
+
+
+def split_input(src: str, dsts: list[tuple[str, ...]], sizes: list[int]) -> list[Rule]:
+    """A torch Linear over concatenated inputs (its weight's columns) <-> Flax Dense layers, one per input
+    part, whose outputs add; the bias goes to the last one (the others have none)."""
+    ends = np.cumsum(sizes)
+    windows = tuple((slice(None), slice(int(e - n), int(e))) for e, n in zip(ends, sizes, strict=True))
+    fwd = lambda w: tuple(w[window].T for window in windows)
+    inv = lambda *kernels: (np.concatenate([k.T for k in kernels], axis=1),)
+    kernels = Rule((f"{src}.weight",), tuple((*d, "kernel") for d in dsts), fwd, inv, perm=(1, 0), windows=windows)
+    return [kernels, copy(f"{src}.bias", (*dsts[-1], "bias"))]
 
 
 def dense(src: str, dst: tuple[str, ...]) -> list[Rule]:
@@ -266,7 +279,7 @@ def output_shapes(rule: Rule, shapes: list[tuple[int, ...]]) -> list[tuple[int, 
             raise _LayersDiffer
         return [(len(rule.layers), *s) for s in per_layer[0]]
     perm = rule.permutation(len(shapes[0])) if len(shapes) == 1 else None
-    if perm is not None:
+    if perm is not None and rule.windows is None:
         return [tuple(shapes[0][a] for a in perm)]
     stand_ins = (np.broadcast_to(np.zeros((), np.float32), s) for s in shapes)
     return [tuple(a.shape) for a in rule.fwd(*stand_ins)]
