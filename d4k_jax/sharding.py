@@ -7,7 +7,7 @@ same model runs data-parallel, FSDP or spatially sharded by changing a config, n
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -94,10 +94,15 @@ def resolve_mesh(
     return _resolved(shape, num_devices // ways, "devices" if ways == 1 else "devices per granule"), across
 
 
-def _resolved(sizes: dict[str, int], total: int, what: str) -> dict[str, int]:
+def filled_sizes(sizes: Mapping[str, int], total: int) -> dict[str, int]:
+    """Every axis's size, absent ones 1 and a -1 the rest of `total` (not checked: see resolve_mesh)."""
     sizes = {a: 1 for a in MESH_AXES} | dict(sizes)
     fixed = int(np.prod([s for s in sizes.values() if s != -1]))
-    sizes = {a: (total // fixed if s == -1 else s) for a, s in sizes.items()}
+    return {a: (total // fixed if s == -1 else s) for a, s in sizes.items()}
+
+
+def _resolved(sizes: dict[str, int], total: int, what: str) -> dict[str, int]:
+    sizes = filled_sizes(sizes, total)
     if int(np.prod(list(sizes.values()))) != total:
         need = int(np.prod(list(sizes.values())))
         raise ValueError(f"mesh {sizes} needs {need} {what}, have {total}: expected sizes whose product is {total}")

@@ -31,7 +31,7 @@ from d4k_jax import train_step as ts
 from d4k_jax.data import aesthetic4k
 from d4k_jax.nn.stack import REMAT_POLICIES
 from d4k_jax.pipelines import pipeline_class
-from d4k_jax.sharding import MESH_AXES, resolve_mesh
+from d4k_jax.sharding import MESH_AXES, filled_sizes, resolve_mesh
 
 CHOICES = {  # field -> the values the training code implements
     "model": ("flux", "sd3"),
@@ -132,14 +132,8 @@ def mesh_sizes(
 ) -> dict[str, int]:
     """The mesh's four axis sizes in all (within x across granules, see sharding.make_mesh), each -1 resolved
     to the rest (of the granules, then of the devices per granule); not checked (see mesh_problems)."""
-
-    def filled(sizes: Mapping[str, int], total: int) -> dict[str, int]:
-        sizes = {a: 1 for a in MESH_AXES} | dict(sizes)
-        fixed = int(np.prod([s for s in sizes.values() if s != -1]))
-        return {a: (total // fixed if s == -1 else s) for a, s in sizes.items()}
-
-    across = filled(dcn or {}, num_granules)
-    within = filled(mesh, num_devices // int(np.prod(list(across.values()))))
+    across = filled_sizes(dcn or {}, num_granules)
+    within = filled_sizes(mesh, num_devices // int(np.prod(list(across.values()))))
     return {a: within[a] * across[a] for a in MESH_AXES}
 
 
