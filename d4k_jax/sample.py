@@ -265,12 +265,11 @@ def load_pipeline(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None =
     replicated, or FSDP-sharded by their logical axes (`shard_params`; sharding.DEFAULT_RULES: "embed"
     over `fsdp`) for a model that does not fit one device; the VAE's, replicated. The text encoders stay on
     each process's first device: each process encodes its own prompts."""
-    opts, dtype = {}, jnp.dtype(c.dtype)
+    opts = {}
     if mesh is not None:
         shard, replicated = c.get("shard_params", False), NamedSharding(mesh, PartitionSpec())
-        opts["sharding"] = (mesh, sharding.DEFAULT_RULES) if shard else replicated
-        stride = {} if c.vae_stride is None else {"stride": c.vae_stride}
-        opts["vae"] = base.load(base.pipeline_dir(c.pipeline), "vae", dtype, sharding=replicated, **stride)
+        opts = dict(sharding=(mesh, sharding.DEFAULT_RULES) if shard else replicated, vae_sharding=replicated)
+    dtype = jnp.dtype(c.dtype)
     return pipeline_class(c.model).from_pretrained(c.pipeline, dtype=dtype, vae_stride=c.vae_stride, **opts)
 
 

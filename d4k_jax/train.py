@@ -97,11 +97,11 @@ def run(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[dict]:
 def _pipeline(c: ml_collections.ConfigDict, path: Path, mesh, rules) -> base.Pipeline:
     """The pipeline, its transformer read straight onto its train shardings and its VAE onto a replicated one
     (each process reads the slices its devices hold; nothing is put from one host onto other hosts' devices)."""
-    dtype, stride = jnp.dtype(c.dtype), {"stride": c.vae_stride} if c.vae_stride else {}
     return pipeline_class(c.model).from_pretrained(
         path,
-        dtype=dtype,
-        vae=base.load(path, "vae", dtype, sharding=train_state.replicated(mesh), **stride),
+        dtype=jnp.dtype(c.dtype),
+        vae_stride=c.vae_stride or None,
+        vae_sharding=train_state.replicated(mesh),
         param_dtype=jnp.dtype(c.param_dtype),
         remat=c.train.remat,
         sharding=(mesh, rules),

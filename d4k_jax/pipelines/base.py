@@ -101,15 +101,20 @@ class Pipeline(abc.ABC):
         vae_stride: int | None = None,
         transformer: tuple | None = None,
         vae: tuple | None = None,
+        vae_sharding: jax.sharding.Sharding | None = None,
         **opts: Any,
     ) -> Self:
         """A diffusers pipeline folder or its converted directory; vae_stride=2 selects the F16 VAE. `opts`
-        override the transformer's config (e.g. remat, param_dtype); `transformer` / `vae`, (module, params)
-        pairs, are used instead of loading those components."""
+        override the transformer's config (e.g. remat, param_dtype) and place it (`sharding`, as
+        load_component); `vae_sharding` places the VAE (e.g. replicated over a mesh: each process reads it onto
+        its own devices); `transformer` / `vae`, (module, params) pairs, are used instead of loading those."""
         path = pipeline_dir(path)
         scheduler = load_scheduler(path, cls.default_scheduler)  # before the weights: a bad config fails fast
         transformer = component(transformer) or load(path, "transformer", dtype, **opts)
-        vae = component(vae) or load(path, "vae", dtype, **({} if vae_stride is None else {"stride": vae_stride}))
+        vae_opts = ({} if vae_stride is None else {"stride": vae_stride}) | (
+            {} if vae_sharding is None else {"sharding": vae_sharding}
+        )
+        vae = component(vae) or load(path, "vae", dtype, **vae_opts)
         return cls(transformer=transformer, vae=vae, scheduler=scheduler, **cls.text_components(path, dtype))
 
     @classmethod
