@@ -24,6 +24,7 @@ from d4k_jax.nn.embeddings import AdaLN, TimeTextEmbed, modulate
 from d4k_jax.nn.feedforward import FeedForward
 from d4k_jax.nn.joint_attention import JointAttention
 from d4k_jax.nn.rope import rope_tables
+from d4k_jax.nn.ulysses import token_axes
 
 _TOKENS = ("batch", "length", "embed")
 
@@ -121,26 +122,33 @@ class DoubleBlock(_Block):
         txt = txt + cgate2 * FeedForward(hidden, name="ff_context", **self.kw())(
             modulate(self.norm(txt), cshift2, cscale2)
         )
-        return (nn.with_logical_constraint(img, _TOKENS), nn.with_logical_constraint(txt, _TOKENS)), None
+        return (nn.with_logical_constraint(img, _TOKENS), nn.with_logical_constraint(txt, token_axes(txt.shape[1]))), None
 
 
 class SingleBlock(_Block):
-    """Single-stream block (diffusers' FluxSingleTransformerBlock): attention and MLP in parallel."""
+    """Single-stream block (diffusers' FluxSingleTransformerBlock): attention and MLP in parallel.
+
+    diffusers runs it on concat([text, image]); every layer but the attention is per token, so here the two
+    streams keep their own arrays through the same weights (the same numbers), and a sequence-sharded image
+    never meets a replicated text in one array (nn.ulysses)."""
 
     @nn.compact
-    def __call__(self, x, temb, cos, sin):  # x: text then image tokens [B, T + L, D]
+    def __call__(self, carry, temb, cos, sin):  # carry: image [B, L, D], text [B, T, D]
         d = self.config.dim
         shift, scale, gate = AdaLN(3, d, name="norm", **self.kw())(temb)
-        h = modulate(self.norm(x), shift, scale)
-        mlp = Dense(self.config.mlp_dim, axes=("embed", "mlp"), name="proj_mlp", **self.kw())(h)
-        attn = self.attention(out=False)(h, rope=(cos, sin))
+        h_img, h_txt = (modulate(self.norm(x), shift, scale) for x in carry)
+        attn = self.attention(out=False, shared=True)(h_img, h_txt, rope=(cos, sin))
+        mlp = Dense(self.config.mlp_dim, axes=("embed", "mlp"), name="proj_mlp", **self.kw())
         # diffusers' proj_out acts on concat([attn, gelu(mlp)]): here two matmuls whose outputs add (the key
         # maps split its kernel's columns), so that a head-sharded attn and an mlp-sharded MLP each contract
         # where they are, with no [B, L, 5D] concatenation resharded between them under tensor parallelism
-        out = Dense(d, axes=("heads", "embed"), use_bias=False, name="proj_out_attn", **self.kw())(attn)
-        out += Dense(d, axes=("mlp", "embed"), name="proj_out_mlp", **self.kw())(nn.gelu(mlp, approximate=True))
-        x = x + gate * out
-        return nn.with_logical_constraint(x, _TOKENS), None
+        proj_attn = Dense(d, axes=("heads", "embed"), use_bias=False, name="proj_out_attn", **self.kw())
+        proj_mlp = Dense(d, axes=("mlp", "embed"), name="proj_out_mlp", **self.kw())
+        out = [
+            x + gate * (proj_attn(a) + proj_mlp(nn.gelu(mlp(h), approximate=True)))
+            for x, a, h in zip(carry, attn, (h_img, h_txt), strict=True)
+        ]
+        return tuple(nn.with_logical_constraint(x, token_axes(x.shape[1])) for x in out), None
 
 
 class Flux(nn.Module):
@@ -170,6 +178,8 @@ class Flux(nn.Module):
         )
         img = Dense(d, axes=(None, "embed"), name="x_embedder", **kw)(pack(latents.astype(self.dtype)))
         txt = Dense(d, axes=(None, "embed"), name="context_embedder", **kw)(encoder_hidden_states.astype(self.dtype))
+        img = nn.with_logical_constraint(img, _TOKENS)
+        txt = nn.with_logical_constraint(txt, token_axes(txt.shape[1]))
         t = txt.shape[1]
         cos, sin = (jnp.asarray(a) for a in rope_tables(position_ids(h, w, t), cfg.axes_dims_rope, cfg.theta))
 
@@ -177,10 +187,10 @@ class Flux(nn.Module):
         double = stack(DoubleBlock, cfg.num_layers, remat=cfg.remat, num_broadcast=3)
         (img, txt), _ = double(name="transformer_blocks", **block_kw)((img, txt), temb, cos, sin)
         single = stack(SingleBlock, cfg.num_single_layers, remat=cfg.remat, num_broadcast=3)
-        x, _ = single(name="single_transformer_blocks", **block_kw)(jnp.concatenate([txt, img], 1), temb, cos, sin)
+        (img, _), _ = single(name="single_transformer_blocks", **block_kw)((img, txt), temb, cos, sin)
 
         scale, shift = AdaLN(2, d, name="norm_out", **kw)(temb)  # AdaLayerNormContinuous: (scale, shift)
-        img = modulate(LayerNorm(1e-6, use_scale=False, use_bias=False, dtype=self.dtype)(x[:, t:]), shift, scale)
+        img = modulate(LayerNorm(1e-6, use_scale=False, use_bias=False, dtype=self.dtype)(img), shift, scale)
         out = Dense(
             cfg.in_channels if cfg.out_channels is None else cfg.out_channels,
             axes=("embed", None),

@@ -25,6 +25,7 @@ from d4k_jax.nn.embeddings import AdaLN, TimeTextEmbed, modulate
 from d4k_jax.nn.feedforward import FeedForward
 from d4k_jax.nn.joint_attention import JointAttention
 from d4k_jax.nn.stack import rematerialize
+from d4k_jax.nn.ulysses import token_axes
 
 _TOKENS = ("batch", "length", "embed")
 
@@ -160,9 +161,10 @@ class JointBlock(nn.Module):
         img = img + gate2 * FeedForward(hidden, name="ff", **kw)(modulate(norm(img), shift2, scale2))
         if self.last:
             return (nn.with_logical_constraint(img, _TOKENS), txt), None
+        text_axes = token_axes(txt.shape[1])
         txt = txt + cgate * txt_attn
         txt = txt + cgate2 * FeedForward(hidden, name="ff_context", **kw)(modulate(norm(txt), cshift2, cscale2))
-        return (nn.with_logical_constraint(img, _TOKENS), nn.with_logical_constraint(txt, _TOKENS)), None
+        return (nn.with_logical_constraint(img, _TOKENS), nn.with_logical_constraint(txt, text_axes)), None
 
 
 class MMDiT(nn.Module):
@@ -186,6 +188,8 @@ class MMDiT(nn.Module):
         txt = Dense(cfg.caption_projection_dim, axes=(None, "embed"), name="context_embedder", **kw)(
             encoder_hidden_states.astype(self.dtype)
         )
+        img = nn.with_logical_constraint(img, _TOKENS)
+        txt = nn.with_logical_constraint(txt, token_axes(txt.shape[1]))
         for first, count, dual in cfg.groups():
             last = first == cfg.num_layers - 1
             if last:
