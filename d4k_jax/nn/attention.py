@@ -6,8 +6,9 @@ It picks the kernel for the backend so that no model hard-codes one:
   - "chunked": exact softmax attention over query chunks, so the score matrix never exceeds
     [B, N, chunk, S]; used for long sequences wherever cuDNN does not apply (the VAE mid-block
     attention has one head of width 512 and 65,536 tokens at 4096² with the F16 VAE);
+  - "splash": TPU splash attention (`nn/splash.py`), on TPU for every float32/bfloat16 attention without a
+    bias or mask; asked for explicitly it runs anywhere (in the Pallas interpreter off TPU);
   - "xla": the plain XLA form, for short sequences (text encoders) and masks/biases.
-TPU splash attention is not wired yet: TPUs take the chunked path.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-Implementation = Literal["cudnn", "chunked", "xla"]
+from d4k_jax.nn import splash
+
+Implementation = Literal["cudnn", "splash", "chunked", "xla"]
 
 # Above this many score elements per (batch, head) the chunked form is used instead of "xla".
 _CHUNK_THRESHOLD = 4096 * 4096
@@ -48,6 +51,8 @@ def choose_implementation(q: jax.Array, k: jax.Array, *, has_bias: bool, has_mas
     head_dim = q.shape[-1]
     if backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and head_dim <= _CUDNN_MAX_HEAD_DIM and not has_bias:
         return "cudnn"
+    if backend == "tpu" and q.dtype in splash.DTYPES and not (has_bias or has_mask):
+        return "splash"
     if not (has_bias or has_mask) and q.shape[1] * k.shape[1] > _CHUNK_THRESHOLD:
         return "chunked"
     return "xla"
@@ -75,6 +80,10 @@ def dot_product_attention(
     impl = implementation or choose_implementation(q, k, has_bias=bias is not None, has_mask=mask is not None)
     if impl == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+    if impl == "splash":
+        if bias is not None or mask is not None:
+            raise ValueError("the splash attention takes no bias or mask; use implementation='xla'")
+        return splash.splash_attention(q, k, v, scale)
     if impl == "chunked":
         if bias is not None or mask is not None:
             raise ValueError("the chunked attention takes no bias or mask; use implementation='xla'")
