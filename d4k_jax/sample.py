@@ -122,9 +122,8 @@ def validate(c: ml_collections.ConfigDict, prompts_file: str | Path) -> tuple[li
         problems.append("set --config.pipeline to a diffusers pipeline folder or a converted directory")
     elif c.model in PIPELINES:
         try:
-            problems += size_problems(
-                c.sample.height, c.sample.width, *pipeline_geometry(c.pipeline, c.model, c.vae_stride)
-            )
+            factor, largest = pipeline_geometry(c.pipeline, c.model, c.vae_stride)
+            problems += size_problems(c.sample.height, c.sample.width, factor, largest)
         except (ValueError, FileNotFoundError) as e:
             problems.append(str(e))
     available = jax.devices()
@@ -136,11 +135,17 @@ def validate(c: ml_collections.ConfigDict, prompts_file: str | Path) -> tuple[li
     else:
         try:
             mesh = sharding.make_mesh(dict(c.mesh), available[:n])
-            batch = c.sample.batch_size or mesh.devices.size
-            if batch % mesh.devices.size:
+            rows = mesh.shape["data"] * mesh.shape["fsdp"]  # the ways the batch is split (`sequence` splits images)
+            batch = c.sample.batch_size or rows
+            if batch % rows:
                 problems.append(
-                    f"config.sample.batch_size={batch} is not a multiple of the {mesh.devices.size} devices"
+                    f"config.sample.batch_size={batch} is not a multiple of the mesh's data x fsdp = {rows} "
+                    "(the ways it splits the batch)"
                 )
+            if c.model in PIPELINES and c.pipeline:
+                sizes = {"config.sample.height": c.sample.height}
+                found = base.sequence_problems(pipeline_class(c.model), c.pipeline, c.vae_stride, mesh.shape, sizes)
+                problems += [f"config.mesh: {p}" for p in found]
         except ValueError as e:
             problems.append(f"config.mesh: {e}")
     if problems:
@@ -305,7 +310,9 @@ def run(c: ml_collections.ConfigDict, prompts_file: str, outdir: str) -> int:
             seeds = [c.seed + p * s.images_per_prompt + k for p, k in padded]
             kwargs = dict(height=s.height, width=s.width, num_inference_steps=s.steps, guidance_scale=s.guidance)
             kwargs |= _global_inputs(pipe, s, texts, seeds, negative, data)
-            for row, image in _held_images(whole_rows(pipe(texts, **kwargs)), len(chunk)):
+            with sharding.active(mesh):  # one image's tokens over `sequence` (nn.ulysses), rows over data x fsdp
+                images = whole_rows(pipe(texts, **kwargs))
+            for row, image in _held_images(images, len(chunk)):
                 name = _name(*chunk[row], ext)
                 _save(image, out / name, s.format)
                 line = dict(file_name=name, text=texts[row], seed=seeds[row], height=s.height, width=s.width)

@@ -7,7 +7,8 @@ same model runs data-parallel, FSDP or spatially sharded by changing a config, n
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -121,6 +122,14 @@ def params_sharding(mesh: Mesh, rules: Rules, abstract_variables: Any) -> Any:
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
+@contextlib.contextmanager
+def active(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Iterator[None]:
+    """Trace under `mesh` and `rules`: the models' logical constraints resolve onto the mesh and their
+    attention runs sequence-parallel where "length" is split (nn.ulysses); e.g. around a pipeline call."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
+
+
 def sharded(fn: Callable, mesh: Mesh, rules: Rules, in_axes: Sequence[Any], out_axes: Any) -> Callable:
     """jit `fn` with inputs and outputs sharded by logical axis names (None for replicated leaves).
 
@@ -139,7 +148,7 @@ def sharded(fn: Callable, mesh: Mesh, rules: Rules, in_axes: Sequence[Any], out_
     jitted = jax.jit(wrapped, in_shardings=tuple(to_sharding(a) for a in in_axes), out_shardings=to_sharding(out_axes))
 
     def call(*args):
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        with active(mesh, rules):
             return jitted(*args)
 
     call.lower = lambda *args: _lower(jitted, mesh, rules, args)
@@ -151,7 +160,7 @@ def _is_axes(x) -> bool:
 
 
 def _lower(jitted, mesh, rules, args):
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    with active(mesh, rules):
         return jitted.lower(*args)
 
 

@@ -30,7 +30,7 @@ from absl import logging
 from d4k_jax import train_step as ts
 from d4k_jax.data import aesthetic4k
 from d4k_jax.nn.stack import REMAT_POLICIES
-from d4k_jax.pipelines import pipeline_class
+from d4k_jax.pipelines import base, pipeline_class
 from d4k_jax.sharding import MESH_AXES, filled_sizes, resolve_mesh
 
 CHOICES = {  # field -> the values the training code implements
@@ -77,6 +77,8 @@ def validate(c: ml_collections.ConfigDict, workdir: str | Path, num_devices: int
     mesh = mesh_problems(c.train.mesh, num_devices, dcn=c.train.get("mesh_dcn"), num_granules=num_granules)
     problems = [*_choice_problems(c), *_number_problems(c), *mesh]
     problems += _pipeline_problems(c) + _data_problems(c, Path(workdir))
+    if not mesh:
+        problems += _sequence_problems(c, mesh_sizes(c.train.mesh, num_devices, c.train.get("mesh_dcn"), num_granules))
     if problems:  # one line (the CLI's `error:` line), the problems in the order of the checks
         listed = "; ".join(problems)
         raise ValueError(f"the training config has {len(problems)} problem(s), nothing was loaded: {listed}")
@@ -192,6 +194,15 @@ def _pipeline_problems(c) -> list[str]:
                 "(pos_embed_max_size x patch size x the VAE's downsampling)"
             )
     return problems
+
+
+def _sequence_problems(c, sizes: Mapping[str, int]) -> list[str]:
+    """What keeps the mesh's `sequence` degree from splitting each training and eval image (nn.ulysses)."""
+    if not c.pipeline or c.model not in CHOICES["model"] or c.vae_stride not in (0, None, 1, 2):
+        return []
+    images = {field: _get(c, field) for field in ("data.resolution", "eval.height")}
+    found = base.sequence_problems(pipeline_class(c.model), c.pipeline, c.vae_stride or None, dict(sizes), images)
+    return [f"train.mesh: {p}" for p in found]
 
 
 def _data_problems(c, workdir: Path) -> list[str]:

@@ -14,6 +14,7 @@ from tiny_pipelines import flux_pipeline, sd3_pipeline
 
 from configs import flux_wlf, sd3_wlf
 from d4k_jax import sample, sharding
+from d4k_jax.nn import ulysses
 from d4k_jax.pipelines import base
 
 PROMPTS = ["a red cat on the sky", "a blue dog", "a green square on a red background"]
@@ -79,6 +80,30 @@ def test_sharded_equals_single_device_and_resume(pipes, tmp_path, model):
     (tmp_path / "eight" / "00002_01.png").unlink()
     assert sample.run(_config(model, pipes), pipes / "prompts.txt", tmp_path / "eight") == 1  # only the missing one
     assert np.array_equal(_images(tmp_path / "eight")["00002_01.png"], a["00002_01.png"])
+
+
+# 8 heads, so that the tiny transformers' attention splits 8 ways; 32x16 images: 8 x 4 tokens (tiny VAE: F2)
+EIGHT_HEADS = {"flux": dict(num_attention_heads=8, attention_head_dim=8, axes_dims_rope=(2, 2, 4))}
+EIGHT_HEADS["sd3"] = dict(num_attention_heads=8, attention_head_dim=4)
+
+
+@pytest.mark.parametrize("model", ["flux", "sd3"])
+def test_one_image_over_eight_devices_equals_one_device(tmp_path, model, monkeypatch):
+    """mesh.sequence=8: each image's tokens, denoising loop and VAE decode split 8 ways (nn.ulysses)."""
+    degrees, axis = [], ulysses.sequence_axis
+    monkeypatch.setattr(ulysses, "sequence_axis", lambda: degrees.append(axis()[1]) or axis())
+    (flux_pipeline if model == "flux" else sd3_pipeline)(tmp_path, model, **EIGHT_HEADS[model])
+    (tmp_path / "prompts.txt").write_text(PROMPTS[0] + "\n")
+    images = {}
+    for name, mesh, devices in (("split", {"sequence": 8}, 0), ("one", None, 1)):
+        c = _config(model, tmp_path, mesh, devices, height=32, width=16, images_per_prompt=1)
+        assert sample.run(c, tmp_path / "prompts.txt", tmp_path / name) == 1
+        images[name] = _images(tmp_path / name)["00000_00.png"].astype(int)
+    assert np.abs(images["split"] - images["one"]).max() <= 1
+    assert max(degrees) == 8  # the attention really ran split 8 ways
+    c = _config(model, tmp_path, {"sequence": 3, "data": 2}, 6, height=32, width=16)
+    with pytest.raises(ValueError, match=r"sequence degree 3 must divide the 8 attention heads.*among \[1, 2, 4, 8\]"):
+        sample.validate(c, tmp_path / "prompts.txt")
 
 
 def test_metadata_jsonl_prompts_and_errors(pipes, tmp_path):

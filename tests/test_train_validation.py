@@ -50,6 +50,10 @@ CASES = {  # case -> (config changes, what the message must name: the bad value 
         ["train.batch_size=32", "train.encode_passes=5"],
     ),
     "mesh larger than the devices": (lambda c: c.train.mesh.update(fsdp=16), ["'fsdp': 16", "product is 8"]),
+    "sequence degree that does not divide the heads": (
+        lambda c: c.train.update(mesh={"data": 1, "fsdp": -1, "sequence": 8, "tensor": 1}),
+        ["train.mesh: sequence degree 8", "4 attention heads", "among [1, 2, 4]", "eval.height=64"],
+    ),
     "mesh with two -1": (lambda c: c.train.mesh.update(fsdp=-1), ["train.mesh=", "at most one -1"]),
     "unknown loss": (lambda c: c.loss.update(loss="wavelet"), ["loss.loss='wavelet'", "'wlf', 'flow'"]),
     "unknown timesteps": (

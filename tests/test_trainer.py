@@ -16,12 +16,16 @@ from d4k_jax import train_step as ts
 from d4k_jax.io import load_component
 from d4k_jax.io.components import kind_of_module
 from d4k_jax.metric_writers import drop_rows_after
+from d4k_jax.nn import ulysses
 from d4k_jax.trainer import NonFiniteLoss, Trainer
 
 
 @pytest.fixture(scope="module")
 def flux(tmp_path_factory):
     return load_component(save_component(make_flux(seed=6), tmp_path_factory.mktemp("flux")))
+
+
+FOUR_HEADS = dict(num_attention_heads=4, attention_head_dim=8, axes_dims_rope=(2, 2, 4))
 
 
 def _data(n=16, seed=0):
@@ -79,6 +83,23 @@ def test_resume_gives_the_uninterrupted_losses(flux, tmp_path, capsys):
     err = capsys.readouterr().err
     assert " 3/6 [" in err and " 6/6 [" in err and " 1/6 [" not in err, err
     assert f"loss={resumed[-1]['loss']:.4g}" in err and "img/s=" in err, err
+
+
+def test_sequence_parallel_training_gives_the_one_device_losses(tmp_path, monkeypatch):
+    """train.mesh sequence 4 x fsdp 2: each image's 16 tokens over 4 devices (nn.ulysses; 5 text tokens stay
+    replicated), two images over fsdp; the losses of the run on one device."""
+    degrees, axis = [], ulysses.sequence_axis
+    monkeypatch.setattr(ulysses, "sequence_axis", lambda: degrees.append(axis()[1]) or axis())
+    flux4 = load_component(save_component(make_flux(seed=7, **FOUR_HEADS), tmp_path / "flux4"))
+    module, params = flux4
+    inputs = kind_of_module(module).init_inputs(module.config)
+    losses = {}
+    for name, shape, n in (("split", {"sequence": 4, "fsdp": 2}, 8), ("one", {"fsdp": 1}, 1)):
+        mesh = sharding.make_mesh(shape, jax.devices()[:n])
+        trainer = Trainer(module, params, ts.optimizer(lr=1e-3), ts.LossConfig(), mesh, init_inputs=inputs)
+        losses[name] = [r["loss"] for r in trainer.fit(ArrayBatches(_data(n=6), 2), tmp_path / name, 3)]
+    np.testing.assert_allclose(losses["split"], losses["one"], rtol=1e-5)
+    assert max(degrees) == 4
 
 
 def test_drop_rows_after_keeps_each_step_once(tmp_path):

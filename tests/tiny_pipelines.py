@@ -69,7 +69,8 @@ def _vae():
     )
 
 
-def flux_pipeline(root: Path) -> FluxPipeline:
+def flux_pipeline(root: Path, name: str = "flux", **transformer) -> FluxPipeline:
+    """The pipeline in root/name; `transformer` overrides the tiny transformer's config (e.g. 8 heads)."""
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(
             shift=3.0,
@@ -84,13 +85,14 @@ def flux_pipeline(root: Path) -> FluxPipeline:
         tokenizer=AutoTokenizer.from_pretrained(clip_tokenizer(root / "tok_clip", CLIP_LEN)),
         text_encoder_2=t5_model(24),
         tokenizer_2=AutoTokenizer.from_pretrained(t5_tokenizer(root / "tok_t5")),
-        transformer=make_flux(joint_attention_dim=24, pooled_projection_dim=12),
+        transformer=make_flux(joint_attention_dim=24, pooled_projection_dim=12, **transformer),
     )
-    pipe.save_pretrained(root / "flux", safe_serialization=True)
+    pipe.save_pretrained(root / name, safe_serialization=True)
     return pipe
 
 
-def sd3_pipeline(root: Path) -> StableDiffusion3Pipeline:
+def sd3_pipeline(root: Path, name: str = "sd3", **transformer) -> StableDiffusion3Pipeline:
+    """The pipeline in root/name; `transformer` overrides the tiny transformer's config (e.g. 8 heads)."""
     pipe = StableDiffusion3Pipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=_vae(),
@@ -100,7 +102,7 @@ def sd3_pipeline(root: Path) -> StableDiffusion3Pipeline:
         tokenizer_2=AutoTokenizer.from_pretrained(root / "tok_clip"),
         text_encoder_3=t5_model(32, seed=3),
         tokenizer_3=AutoTokenizer.from_pretrained(t5_tokenizer(root / "tok_t5")),
-        transformer=make_sd3(joint_attention_dim=32, pooled_projection_dim=28),
+        transformer=make_sd3(joint_attention_dim=32, pooled_projection_dim=28, **transformer),
     )
-    pipe.save_pretrained(root / "sd3", safe_serialization=True)
+    pipe.save_pretrained(root / name, safe_serialization=True)
     return pipe

@@ -64,10 +64,13 @@ class JointAttention(nn.Module):
             text_qkv = [f(context) for f in text]
         if rope is not None:
             t = 0 if context is None else context.shape[1]
-            cos, sin = rope
-            image_qkv[:2] = (apply_rope(y, cos[t:], sin[t:]) for y in image_qkv[:2])
+            # the tables' halves, replicated (small constants): split over `sequence` like the tokens, their rows
+            # would be shifted between devices by the slices at the text/image boundary
+            half = lambda a, rows: nn.with_logical_constraint(a[rows], (None, None))
+            (cos, sin), text_rope = ((half(a, slice(t, None)) for a in rope), [half(a, slice(t)) for a in rope])
+            image_qkv[:2] = (apply_rope(y, cos, sin) for y in image_qkv[:2])
             if text_qkv is not None:
-                text_qkv[:2] = (apply_rope(y, cos[:t], sin[:t]) for y in text_qkv[:2])
+                text_qkv[:2] = (apply_rope(y, *text_rope) for y in text_qkv[:2])
         o_text, o_image = ulysses.joint_attention(None if text_qkv is None else tuple(text_qkv), tuple(image_qkv))
         if not self.out:
             flat = lambda o: o.reshape(*o.shape[:2], self.heads * self.head_dim)

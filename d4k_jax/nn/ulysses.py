@@ -63,14 +63,8 @@ def joint_attention(text: QKV | None, image: QKV) -> tuple[jax.Array | None, jax
     q = image[0]
     b, length, heads, _ = q.shape
     batch, head_axes = _fitting(("batch",), b), _fitting(("heads",), heads)
-    local_heads = heads // _size(head_axes)
-    if local_heads % n or length % n:
-        valid = [d for d in range(1, local_heads + 1) if local_heads % d == 0 and length % d == 0]
-        raise ValueError(
-            f"sequence parallelism over {n} devices (mesh axes {axes}) needs the {local_heads} attention heads "
-            f"per device (of {heads}) and the {length} image tokens to divide by {n}: valid sequence degrees "
-            f"are {valid}"
-        )
+    if problems := degree_problems(n, heads, _size(head_axes), length, "image tokens"):
+        raise ValueError(f"sequence parallelism over mesh axes {axes}: {problems[0]}")
     split_text = text is not None and text[0].shape[1] % n == 0
     token_spec = PartitionSpec(batch or None, axes, head_axes or None, None)
     text_spec = token_spec if split_text else PartitionSpec(batch or None, None, head_axes + axes, None)
@@ -88,6 +82,20 @@ def joint_attention(text: QKV | None, image: QKV) -> tuple[jax.Array | None, jax
     return jax.shard_map(local, in_specs=(text_specs, (token_spec,) * 3), out_specs=(text_spec, token_spec))(
         text, image
     )
+
+
+def degree_problems(degree: int, heads: int, tensor: int, tokens: int, what: str = "image token rows") -> list[str]:
+    """Why `degree` ways of sequence parallelism cannot split attention of `heads` heads held `tensor` ways
+    over `tokens` (image tokens, or the rows of tokens that the latents are split by); [] when they can."""
+    per_device = heads // tensor if heads % tensor == 0 else heads
+    if degree <= 1 or (per_device % degree == 0 and tokens % degree == 0):
+        return []
+    valid = [d for d in range(1, per_device + 1) if per_device % d == 0 and tokens % d == 0]
+    held = f"{per_device} per device over tensor={tensor}" if tensor > 1 else "each device holds all"
+    return [
+        f"sequence degree {degree} must divide the {heads} attention heads ({held}) and the {tokens} {what}: "
+        f"expected a sequence degree among {valid}"
+    ]
 
 
 def _attend(text: QKV | None, image: QKV) -> tuple[jax.Array | None, jax.Array]:

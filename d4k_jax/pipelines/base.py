@@ -21,7 +21,13 @@ from d4k_jax.diffusion.flow import SchedulerConfig
 from d4k_jax.io import class_name, kind_for, load_component, load_config
 from d4k_jax.models import vae_keys
 from d4k_jax.models.vae import AutoencoderKL
+from d4k_jax.nn import ulysses
 from d4k_jax.pipelines.scheduler import load_scheduler
+
+
+# Latents [B, h, w, C] by logical axis: under sharding.active, rows over data x fsdp and each image's rows over
+# `sequence`, so that the denoising loop never gathers one image onto one device.
+LATENTS = ("batch", "height", "width", "channels")
 
 
 class Component(NamedTuple):
@@ -180,6 +186,27 @@ class Pipeline(abc.ABC):
                 f"{class_name(cfg)}: set --config.model to the pipeline's model"
             )
         return cls.token_geometry(vae_factor, cfg)
+
+
+def sequence_problems(
+    pipeline: type[Pipeline], path: str | os.PathLike, vae_stride: int | None, mesh: dict[str, int], sizes: dict
+) -> list[str]:
+    """Why the mesh's `sequence` degree cannot split images of `sizes` ({field: pixels}) of the pipeline folder
+    `path` (nn.ulysses): it must divide the transformer's heads per `tensor` shard and each image's rows of
+    tokens. Read from config.json (no weights); [] when the folder itself is wrong (reported elsewhere)."""
+    if mesh["sequence"] == 1:
+        return []
+    try:
+        factor, _ = pipeline.geometry(path, vae_stride)
+        heads = load_config(pipeline_dir(path) / "transformer")["num_attention_heads"]
+    except (ValueError, OSError, KeyError):
+        return []
+    problems = []
+    for field, size in sizes.items():
+        if isinstance(size, int) and size > 0 and size % factor == 0:
+            found = ulysses.degree_problems(mesh["sequence"], heads, mesh["tensor"], size // factor)
+            problems += [f"{p} ({field}={size} / {factor} pixels per token)" for p in found]
+    return problems
 
 
 def pipeline_dir(path: str | os.PathLike) -> Path:

@@ -6,6 +6,7 @@ import functools
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -120,8 +121,10 @@ def _sample(module, vae, params, vae_params, latents, text, pooled, guidance, si
     b = latents.shape[0]
 
     def velocity(x, i):
+        x = nn.with_logical_constraint(x, base.LATENTS)
         # as FluxPipeline: t in the latents' dtype, divided by 1000 (the transformer multiplies back)
         t = jnp.broadcast_to(timesteps[i].astype(x.dtype) / 1000, (b,))
         return module.apply({"params": params}, x, t, text, pooled, guidance)
 
+    latents = nn.with_logical_constraint(latents, base.LATENTS)
     return base.decode(vae, vae_params, euler_sample(velocity, latents, sigmas))

@@ -6,6 +6,7 @@ import functools
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -156,6 +157,7 @@ def _encode(clip_l, clip_g, t5, t5_width, clip_l_params, clip_g_params, t5_param
 
 def _sample(module, vae, params, vae_params, latents, text, pooled, scale, sigmas, timesteps, *, cfg):
     def velocity(x, i):
+        x = nn.with_logical_constraint(x, base.LATENTS)
         xin = jnp.concatenate([x, x]) if cfg else x
         t = jnp.broadcast_to(timesteps[i], (xin.shape[0],))  # float32, as the pipeline passes it
         v = module.apply({"params": params}, xin, t, text, pooled)
@@ -164,4 +166,5 @@ def _sample(module, vae, params, vae_params, latents, text, pooled, scale, sigma
         uncond, cond = jnp.split(v, 2)
         return uncond + scale.astype(v.dtype) * (cond - uncond)
 
+    latents = nn.with_logical_constraint(latents, base.LATENTS)
     return base.decode(vae, vae_params, euler_sample(velocity, latents, sigmas))
