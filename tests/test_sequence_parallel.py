@@ -142,13 +142,17 @@ def test_one_block_does_only_the_ulysses_collectives(text_len):
 def test_a_degree_that_does_not_divide_the_heads_is_refused():
     module, params, args, _, _ = _setup("flux", 8)
     forward = lambda p: module.apply({"params": p}, *args)
-    with sharding.active(sharding.make_mesh({"sequence": 3}, jax.devices()[:3])):
-        with pytest.raises(
-            ValueError, match=r"sequence degree 3 must divide the 8 attention heads.* among \[1, 2, 4, 8\]"
-        ):
-            jax.eval_shape(forward, params)
+    three = r"sequence degree 3 must divide the 8 attention heads.* among \[1, 2, 4, 8\]"
+    with (
+        sharding.active(sharding.make_mesh({"sequence": 3}, jax.devices()[:3])),
+        pytest.raises(ValueError, match=three),
+    ):
+        jax.eval_shape(forward, params)
     with sharding.active(sharding.make_mesh({"sequence": 8, "tensor": 1})):  # 8 heads over 8: one each
         jax.eval_shape(forward, params)
-    with sharding.active(sharding.make_mesh({"sequence": 3, "tensor": 2}, jax.devices()[:6])):
-        with pytest.raises(ValueError, match=r"\(4 per device over tensor=2\).* among \[1, 2, 4\]"):
-            jax.eval_shape(forward, params)
+    tensor = r"\(4 per device over tensor=2\).* among \[1, 2, 4\]"
+    with (
+        sharding.active(sharding.make_mesh({"sequence": 3, "tensor": 2}, jax.devices()[:6])),
+        pytest.raises(ValueError, match=tensor),
+    ):
+        jax.eval_shape(forward, params)

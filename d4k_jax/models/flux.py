@@ -122,7 +122,8 @@ class DoubleBlock(_Block):
         txt = txt + cgate2 * FeedForward(hidden, name="ff_context", **self.kw())(
             modulate(self.norm(txt), cshift2, cscale2)
         )
-        return (nn.with_logical_constraint(img, _TOKENS), nn.with_logical_constraint(txt, token_axes(txt.shape[1]))), None
+        txt = nn.with_logical_constraint(txt, token_axes(txt.shape[1]))
+        return (nn.with_logical_constraint(img, _TOKENS), txt), None
 
 
 class SingleBlock(_Block):

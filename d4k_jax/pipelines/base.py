@@ -24,7 +24,6 @@ from d4k_jax.models.vae import AutoencoderKL
 from d4k_jax.nn import ulysses
 from d4k_jax.pipelines.scheduler import load_scheduler
 
-
 # Latents [B, h, w, C] by logical axis: under sharding.active, rows over data x fsdp and each image's rows over
 # `sequence`, so that the denoising loop never gathers one image onto one device.
 LATENTS = ("batch", "height", "width", "channels")
