@@ -120,8 +120,8 @@ def _collectives(hlo: str) -> collections.Counter:
 @pytest.mark.parametrize("text_len", [8, 7])
 def test_one_block_does_only_the_ulysses_collectives(text_len):
     """Flux's double block over sequence 4 (image tokens 32): one all-to-all for each of q, k, v and the output
-    of each stream whose length divides the degree; a replicated text's output leaves head-sharded and is
-    gathered once for its projection. No other collective: norms, modulation, MLPs and RoPE stay local."""
+    of each stream whose length divides the degree; a replicated text's output is gathered over heads. No other
+    collective (no weight gathers either): norms, modulation, MLPs and RoPE stay local."""
     block, (length, d) = DoubleBlock(FLUX), (32, FLUX.dim)
     mesh = sharding.make_mesh({"sequence": 4}, jax.devices()[:4])
     args = ((jnp.ones((1, length, d)), jnp.ones((1, text_len, d))), jnp.ones((1, d)))
@@ -135,7 +135,7 @@ def test_one_block_does_only_the_ulysses_collectives(text_len):
     if text_len == 8:
         want[("all-to-all", "f32", "1,2,2,8")] = 4  # text q, k, v, o
     else:
-        want[("all-gather", "f32", "1,7,64")] = 1  # the text output's heads, for to_add_out
+        want[("all-gather", "f32", "1,7,8,8")] = 1  # the replicated text's output, gathered over heads
     assert _collectives(hlo) == want
 
 

@@ -6,17 +6,16 @@ but the parameters' FSDP gathers. Attention needs every key: inside `jax.shard_m
 and v trades the token sharding for a head sharding (each device then holds every token of N/n heads), the
 local kernel that `dot_product_attention` picks (cuDNN, splash, chunked XLA) runs on whole sequences, and one
 all-to-all trades the output back (DeepSpeed-Ulysses; xDiT's USP). Per attention and device that moves
-4 x B x L x D / n elements (q, k, v, o), with no all-gather of activations.
+4 x B x L x D / n elements (q, k, v, o), with no all-gather of image activations.
 
 Text tokens (Flux: 512 or 77 T5 tokens; SD3: 77 CLIP + 256 T5 = 333):
   - when their count divides the degree they are split like the image and all-to-all'd with it (no
     redundant work; the token order of attention is irrelevant, so each device's [text, image] shard pair
     is as good as the global order);
-  - otherwise they stay replicated and each device takes its heads' slice of the text q/k/v, which costs no
-    communication; the text output leaves head-sharded, so its output projection contracts the heads where
-    they are and GSPMD sums the partial products (one all-reduce of B x T x D per attention). Only the
-    text's per-token work (its projections, norms and MLP) is repeated on every device: T / (T + L / n) of
-    a block's token work, 14 % for SD3's 333 tokens over 8 devices at 4096² (L = 16,384). Padding the text
+  - otherwise they stay replicated: each device takes its heads' slice of the text q/k/v (no communication)
+    and the text output is all-gathered over heads (B x T x D per attention). Only the text's per-token work
+    (its projections, norms and MLP) is repeated on every device: T / (T + L / n) of a block's token work,
+    14 % for SD3's 333 tokens over 8 devices at 4096² (L = 16,384). Padding the text
     instead would need a key mask in every kernel (cuDNN's and splash's fast paths take none here).
 
 The degree must divide the heads each device holds (N / tensor): an error names the degrees that do.
@@ -78,10 +77,18 @@ def joint_attention(text: QKV | None, image: QKV) -> tuple[jax.Array | None, jax
             out_text = _to_tokens(out_text, axes)
         return out_text, _to_tokens(out_image, axes)
 
+    # Pin the layouts around the shard_map: GSPMD would otherwise meet a replicated text's head-split q/k/v (and
+    # output) by splitting the projection weights that the token-split image also uses, then all-gather them
+    # for the image in every block. A replicated text is projected whole and its output gathered over heads.
+    text_axes = ("batch", "length" if split_text else None, "heads", None)
+    pin = lambda xs, axes: tuple(nn.with_logical_constraint(x, axes) for x in xs)
+    image = pin(image, ("batch", "length", "heads", None))
+    text = None if text is None else pin(text, text_axes)
     text_specs = None if text is None else (text_spec,) * 3
-    return jax.shard_map(local, in_specs=(text_specs, (token_spec,) * 3), out_specs=(text_spec, token_spec))(
-        text, image
-    )
+    out_text, out_image = jax.shard_map(
+        local, in_specs=(text_specs, (token_spec,) * 3), out_specs=(text_spec, token_spec)
+    )(text, image)
+    return None if out_text is None else nn.with_logical_constraint(out_text, text_axes), out_image
 
 
 def degree_problems(degree: int, heads: int, tensor: int, tokens: int, what: str = "image token rows") -> list[str]:
