@@ -110,6 +110,10 @@ def test_tokenizer_errors(tmp_path, folders):
     with pytest.raises(ValueError, match="no prompts"):
         Tokenizer(folders[0])([])
     assert jnp.asarray(Tokenizer(folders[0])("a cat")).shape == (1, CLIP_LEN)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "tokenizer_config.json").write_text("{")
+    with pytest.raises(ValueError, match=r"tokenizer_config\.json is not valid JSON"):
+        Tokenizer(tmp_path / "bad")
 
 
 # Spaces, case, punctuation, digits, unicode, a special token's text, and a prompt longer than CLIP_LEN.

@@ -32,7 +32,10 @@ _CLASSES = {
 def tokenizer_class(folder: str | os.PathLike) -> type:
     """The transformers class that loads `folder`: CLIP's or T5's without importing torch, else AutoTokenizer."""
     config_file = Path(folder) / "tokenizer_config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    try:
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file} is not valid JSON ({e}); expected the tokenizer's settings") from e
     name = str(config.get("tokenizer_class") or "").removesuffix("Fast")
     if name in _CLASSES and "auto_map" not in config:  # auto_map: the folder's own code, which AutoTokenizer runs
         module, attr = _CLASSES[name]
