@@ -1,6 +1,12 @@
 """Text conditioning: our tokenizers + Flax CLIP / T5 equal diffusers' FluxPipeline and
 StableDiffusion3Pipeline `encode_prompt`."""
 
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -104,3 +110,48 @@ def test_tokenizer_errors(tmp_path, folders):
     with pytest.raises(ValueError, match="no prompts"):
         Tokenizer(folders[0])([])
     assert jnp.asarray(Tokenizer(folders[0])("a cat")).shape == (1, CLIP_LEN)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "tokenizer_config.json").write_text("{")
+    with pytest.raises(ValueError, match=r"tokenizer_config\.json is not valid JSON"):
+        Tokenizer(tmp_path / "bad")
+
+
+# Spaces, case, punctuation, digits, unicode, a special token's text, and a prompt longer than CLIP_LEN.
+ODD_PROMPTS = ["", "  A  RED\tcat!! on\nthe sky ", "cat, dog; 2 dogs (small)", "café ☀ 日本", "a <|endoftext|> cat"]
+ODD_PROMPTS += [" ".join(["green square"] * 30)]
+
+
+def _auto_ids(folder, length: int) -> np.ndarray:
+    tok = AutoTokenizer.from_pretrained(folder)
+    return np.asarray(tok(ODD_PROMPTS, padding="max_length", max_length=length, truncation=True).input_ids)
+
+
+def test_tokenizer_is_autotokenizers_class_with_its_ids(folders, tmp_path):
+    """Our Tokenizer imports CLIP's / T5's class itself (not through AutoTokenizer, which imports torch): the
+    class AutoTokenizer picks, also for a tokenizer_config naming the pre-v5 "...Fast" class."""
+    for folder, length in [(folders[0], CLIP_LEN), (folders[1], 24)]:
+        fast = shutil.copytree(folder, tmp_path / f"{folder.name}_fast")
+        config = json.loads((fast / "tokenizer_config.json").read_text())
+        config["tokenizer_class"] += "Fast"
+        (fast / "tokenizer_config.json").write_text(json.dumps(config))
+        for f in (folder, fast):
+            assert type(Tokenizer(f).tokenizer) is type(AutoTokenizer.from_pretrained(f))
+            np.testing.assert_array_equal(Tokenizer(f, length)(ODD_PROMPTS), _auto_ids(f, length))
+
+
+def test_tokenizers_load_without_torch(folders):
+    """The command-line programs build their tokenizers without importing torch (~4 s a process)."""
+    code = (
+        "import json, sys; from d4k_jax.pipelines.tokenizer import Tokenizer; "
+        f"ids = [Tokenizer(f, n)(json.loads(sys.argv[1])).tolist() for f, n in [({str(folders[0])!r}, {CLIP_LEN}), "
+        f"({str(folders[1])!r}, 24)]]; print(json.dumps([ids, 'torch' in sys.modules]))"
+    )
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(ODD_PROMPTS)], capture_output=True, text=True, cwd=root
+    )
+    assert out.returncode == 0, out.stderr
+    (clip_ids, t5_ids), imported_torch = json.loads(out.stdout.splitlines()[-1])
+    assert not imported_torch
+    np.testing.assert_array_equal(clip_ids, _auto_ids(folders[0], CLIP_LEN))
+    np.testing.assert_array_equal(t5_ids, _auto_ids(folders[1], 24))
