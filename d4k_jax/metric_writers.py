@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import numbers
+import sys
 from pathlib import Path
 
 import jax
@@ -17,6 +18,21 @@ import numpy as np
 from absl import logging
 
 from d4k_jax import files
+
+
+def summary_writer_class() -> type:
+    """tensorboardX's SummaryWriter, imported without torch where torch is not loaded yet: tensorboardX.writer
+    tries `import torch` only to accept torch tensors (we write numpy), and that import costs ~3 s a process."""
+    if "torch" in sys.modules or "tensorboardX.writer" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX catches
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 class MetricWriter:
@@ -28,8 +44,7 @@ class MetricWriter:
 
     def __enter__(self) -> MetricWriter:
         if self.active:
-            from tensorboardX import SummaryWriter
-
+            SummaryWriter = summary_writer_class()
             purge = None
             if self.resume_step is not None:
                 drop_rows_after(self.workdir / "metrics.jsonl", self.resume_step)

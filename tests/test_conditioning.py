@@ -139,12 +139,16 @@ def test_tokenizer_is_autotokenizers_class_with_its_ids(folders, tmp_path):
             np.testing.assert_array_equal(Tokenizer(f, length)(ODD_PROMPTS), _auto_ids(f, length))
 
 
-def test_tokenizers_load_without_torch(folders):
-    """The command-line programs build their tokenizers without importing torch (~4 s a process)."""
+def test_tokenizers_and_metric_writer_load_without_torch(folders, tmp_path):
+    """The command-line programs build their tokenizers and TensorBoard writer without importing torch (~4 s a
+    process)."""
     code = (
-        "import json, sys; from d4k_jax.pipelines.tokenizer import Tokenizer; "
+        "import json, sys; import numpy as np; from d4k_jax.metric_writers import MetricWriter; "
+        "from d4k_jax.pipelines.tokenizer import Tokenizer; "
         f"ids = [Tokenizer(f, n)(json.loads(sys.argv[1])).tolist() for f, n in [({str(folders[0])!r}, {CLIP_LEN}), "
-        f"({str(folders[1])!r}, 24)]]; print(json.dumps([ids, 'torch' in sys.modules]))"
+        f"({str(folders[1])!r}, 24)]]; w = MetricWriter({str(tmp_path)!r}).__enter__(); "
+        "w.write(dict(step=1, loss=0.5)); w.images(1, 'grid', np.zeros((1, 4, 4, 3), np.uint8)); w.__exit__(); "
+        "print(json.dumps([ids, 'torch' in sys.modules]))"
     )
     root = Path(__file__).resolve().parent.parent
     out = subprocess.run(

@@ -1,5 +1,5 @@
 """d4k_jax.sample across processes: 2 real processes x 4 CPU devices (tools.launch, gloo) write the same files
-as 1 process x 8 devices, each process the images it holds; a run whose process 1 is killed mid-run is
+as 1 process x 8 devices (each image split over a sequence pair), each process the images it holds; a run whose process 1 is killed mid-run is
 completed by a rerun with another process count, with no duplicates."""
 
 import json
@@ -16,9 +16,11 @@ from d4k_jax import sample
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["a red cat on the sky", "a blue dog", "a green square on a red background", "a house"]
-# SD3 with CFG: prompt and negative embeddings and noise are all global inputs. 4 prompts x 3 images = 12
-# images, two batches of 8 (one per device); the second holds 4 images and 4 copies that are not saved.
+# SD3 with CFG: prompt and negative embeddings and noise are all global inputs. Each image split over 2 devices
+# (mesh.sequence=2, nn.ulysses: the 4 heads' attention and the 4 token rows; a pair within one process), rows
+# over data=4: 4 prompts x 3 images = 12 images, three batches of 4.
 SETTINGS = {
+    "mesh.sequence": 2,
     "vae_stride": 1,
     "sample.height": 16,
     "sample.width": 16,
