@@ -43,8 +43,10 @@ def forward_flops(fn: Callable, *abstract_args) -> float:
     """Matmul and convolution FLOPs of one call of `fn` at these shapes, from its jaxpr (nothing compiles or
     runs). Scanned layers and query chunks count once per iteration, which XLA's cost analysis does not
     do (it counts a loop body once), and attention is traced in its plain form so that an opaque kernel
-    (cuDNN) still counts its two matmuls. Elementwise work is not counted, as usual for MFU."""
-    with attention.forced("xla"):
+    (cuDNN) still counts its two matmuls. Elementwise work is not counted, as usual for MFU. The call is traced
+    without the context mesh: a sequence-parallel attention's shard_map body holds one device's share of the
+    work, while these are the whole model's FLOPs."""
+    with attention.forced("xla"), jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
         closed = jax.make_jaxpr(fn)(*abstract_args)
     return float(_jaxpr_flops(closed.jaxpr))
 

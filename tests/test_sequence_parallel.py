@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import LAYER_TOL, rel_err
 
-from d4k_jax import sharding
+from d4k_jax import flops, sharding
 from d4k_jax.diffusion import flow, wavelet
 from d4k_jax.models.flux import DoubleBlock, Flux, FluxConfig
 from d4k_jax.models.mmdit import MMDiT, MMDiTConfig
@@ -156,3 +156,13 @@ def test_a_degree_that_does_not_divide_the_heads_is_refused():
         pytest.raises(ValueError, match=tensor),
     ):
         jax.eval_shape(forward, params)
+
+
+def test_model_flops_do_not_depend_on_the_mesh():
+    """The trainer's MFU counts the whole model's FLOPs, also when attention runs split (a shard_map body holds
+    one device's share)."""
+    module, params, args, _, _ = _setup("flux", 8)
+    forward = lambda p, *a: module.apply({"params": p}, *a)
+    want = flops.forward_flops(forward, params, *args)
+    with sharding.active(sharding.make_mesh({"sequence": 8})):
+        assert flops.forward_flops(forward, params, *args) == want
