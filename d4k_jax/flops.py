@@ -14,6 +14,7 @@ from collections.abc import Callable
 import jax
 import jax.extend
 
+from d4k_jax import sharding
 from d4k_jax.nn import attention
 
 # dense bf16 peak FLOP/s per device, matched by substring of `device.device_kind`
@@ -46,7 +47,7 @@ def forward_flops(fn: Callable, *abstract_args) -> float:
     (cuDNN) still counts its two matmuls. Elementwise work is not counted, as usual for MFU. The call is traced
     without the context mesh: a sequence-parallel attention's shard_map body holds one device's share of the
     work, while these are the whole model's FLOPs."""
-    with attention.forced("xla"), jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+    with attention.forced("xla"), sharding.inactive():
         closed = jax.make_jaxpr(fn)(*abstract_args)
     return float(_jaxpr_flops(closed.jaxpr))
 

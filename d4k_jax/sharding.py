@@ -130,6 +130,14 @@ def active(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def inactive() -> Iterator[None]:
+    """Trace as if no mesh were set, inside an `active` one: logical constraints and sequence-parallel
+    attention are off (text encoders placed on one device; counting the whole model's FLOPs)."""
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+        yield
+
+
 def sharded(fn: Callable, mesh: Mesh, rules: Rules, in_axes: Sequence[Any], out_axes: Any) -> Callable:
     """jit `fn` with inputs and outputs sharded by logical axis names (None for replicated leaves).
 

@@ -1,6 +1,6 @@
 """d4k_jax.sample across processes: 2 real processes x 4 CPU devices (tools.launch, gloo) write the same files
-as 1 process x 8 devices (each image split over a sequence pair), each process the images it holds; a run whose process 1 is killed mid-run is
-completed by a rerun with another process count, with no duplicates."""
+as 1 process x 8 devices (each image split over a sequence pair), each process the images it holds; a run
+whose process 1 is killed mid-run is completed by a rerun with another process count, with no duplicates."""
 
 import json
 import os

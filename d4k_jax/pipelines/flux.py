@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from d4k_jax import sharding
 from d4k_jax.diffusion.flow import FLUX_DEV, SchedulerConfig, flux_schedule
 from d4k_jax.diffusion.sampler import euler_sample
 from d4k_jax.pipelines import base
@@ -56,7 +57,8 @@ class FluxPipeline(base.Pipeline):
         if self.text_encoder is None:
             raise ValueError("the text encoders were released (release_text_encoders); reload the pipeline")
         clip_ids, t5_ids = self.tokenizer(prompts), self.tokenizer_2(prompts, max_sequence_length)
-        return self._encode(self.text_encoder.params, self.text_encoder_2.params, clip_ids, t5_ids)
+        with sharding.inactive():  # the encoders run where they were read, under whatever mesh a call samples on
+            return self._encode(self.text_encoder.params, self.text_encoder_2.params, clip_ids, t5_ids)
 
     def release_text_encoders(self) -> None:
         """Drop the encoders' device memory (T5-XXL is 9.5 GB in bf16) after encoding, before 4K sampling."""

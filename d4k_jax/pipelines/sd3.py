@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from d4k_jax import sharding
 from d4k_jax.diffusion.flow import SD3_MEDIUM, SchedulerConfig, sd3_schedule
 from d4k_jax.diffusion.sampler import euler_sample
 from d4k_jax.models import mmdit_keys
@@ -69,8 +70,9 @@ class SD3Pipeline(base.Pipeline):
             raise ValueError("the text encoders were released (release_text_encoders); reload the pipeline")
         tok_l, tok_g, tok_t5 = self.tokenizers
         t5_ids = tok_t5(prompts, max_sequence_length) if tok_t5 else jnp.zeros((len(prompts), max_sequence_length), int)
-        params = tuple(None if e is None else e.params for e in self.text_encoders)
-        return self._encode(*params, tok_l(prompts), tok_g(prompts), t5_ids)
+        with sharding.inactive():  # the encoders run where they were read, under whatever mesh a call samples on
+            params = tuple(None if e is None else e.params for e in self.text_encoders)
+            return self._encode(*params, tok_l(prompts), tok_g(prompts), t5_ids)
 
     def release_text_encoders(self) -> None:
         self.text_encoders = (None, None, None)
