@@ -7,7 +7,13 @@ from pathlib import Path
 # Must precede the first jax import: sharding tests run on 8 fake CPU devices. The tests' programs are tiny and
 # compiled once each, so LLVM's optimisation passes cost more than they save (about a third of a compile); the
 # float semantics do not change (no fast-math either way). The CLIs the tests start get the same flags.
-os.environ["D4K_TEST_XLA_FLAGS"] = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+# XLA:CPU's concurrency-optimised schedule deadlocked a data x fsdp train step on 8 fake devices (rendezvous "may be
+# stuck", abort after 40 s; 3 of 4 runs): the devices waited in different collectives. With the sequential schedule
+# the same test passed 3 of 3 runs. tools/launch.py sets it for its CPU processes too.
+os.environ["D4K_TEST_XLA_FLAGS"] = (
+    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
+    "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+)
 os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8", os.environ["D4K_TEST_XLA_FLAGS"]]
 )

@@ -38,6 +38,12 @@ def commands(cmd: list[str], processes: int, port: int, prefix: str) -> list[lis
     ]
 
 
+# XLA:CPU's default schedule lets a device run independent collectives in another order than its peers, which can
+# deadlock a multi-device CPU program (rendezvous "may be stuck", then abort after 40 s); a sequential schedule
+# keeps one order on every device.
+CPU_XLA_FLAGS = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
 def _relay(i: int, stream) -> None:
     for line in stream:
         sys.stdout.write(f"[{i}] {line}")
@@ -49,6 +55,7 @@ def launch(cmd: list[str], processes: int, devices_per_process: int = 0, port: i
     env = dict(os.environ)
     if devices_per_process:
         env |= {"JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices_per_process)}
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {CPU_XLA_FLAGS}".strip()
     procs, relays = [], []
     for i, line in enumerate(commands(cmd, processes, port or free_port(), prefix)):
         p = subprocess.Popen(line, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
