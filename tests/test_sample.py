@@ -131,7 +131,7 @@ def test_every_problem_is_reported_before_the_weights_load(pipes, tmp_path, monk
     with pytest.raises(ValueError) as e:
         sample.run(c, tmp_path / "missing.txt", tmp_path / "out")
     for needle in ("height=18 is not a positive multiple of 4", "format='gif'", "missing.txt does not exist",
-                   "batch_size=3 is not a multiple of the 8 devices"):  # fmt: skip
+                   "batch_size=3 is not a multiple of the mesh's data x fsdp = 8"):  # fmt: skip
         assert needle in str(e.value)
     c = _config("sd3", pipes)  # pos_embed_max_size 12 x patch 2 x VAE factor 2: at most 48 pixels
     c.sample.width = 52

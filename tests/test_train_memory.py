@@ -127,7 +127,9 @@ def test_the_microbatch_gradient_accumulator_is_held_on_the_param_shardings():
     leaves = zip(jax.tree.leaves(params), jax.tree.leaves(shardings), strict=True)
     want = collections.Counter((p.shape, jnp.dtype(jnp.float32), s) for p, s in leaves)
     assert any(s.spec != jax.sharding.PartitionSpec() for _, _, s in want)  # really FSDP-sharded
-    assert constrained(scan.params["jaxpr"].jaxpr.eqns) == want  # the carry after each microbatch
+    # the carry after each microbatch (the model's own activation and RoPE-table constraints left out)
+    in_body = constrained(scan.params["jaxpr"].jaxpr.eqns)
+    assert collections.Counter({k: n for k, n in in_body.items() if k in want}) == want
     assert constrained(jaxpr.eqns) >= want  # the zeros it starts from
 
 
