@@ -8,7 +8,7 @@ from pathlib import Path
 # compiled once each, so LLVM's optimisation passes cost more than they save (about a third of a compile); the
 # float semantics do not change (no fast-math either way). The CLIs the tests start get the same flags.
 # XLA:CPU's concurrency-optimised schedule deadlocked a data x fsdp train step on 8 fake devices (rendezvous "may be
-# stuck", abort after 40 s; 3 of 4 runs): the devices waited in different collectives. With the sequential schedule
+# stuck", abort after 40 s; 4 of 5 runs): the devices waited in different collectives. With the sequential schedule
 # the same test passed 3 of 3 runs. tools/launch.py sets it for its CPU processes too.
 os.environ["D4K_TEST_XLA_FLAGS"] = (
     "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
