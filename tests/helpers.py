@@ -88,3 +88,13 @@ def assert_sharded_forward_matches(module, params, args, mesh_shape=None) -> Non
         got = jax.jit(module.apply)({"params": sharded_params}, *args)
     err = float(np.abs(np.asarray(got) - np.asarray(want)).max() / np.abs(np.asarray(want)).max())
     assert err < 1e-5, err
+
+
+def sequence_degrees(monkeypatch) -> list[int]:
+    """The sequence-parallel degrees that tracing sees from now on (nn.ulysses.sequence_axis), to check that a
+    run really split its attention."""
+    from d4k_jax.nn import ulysses
+
+    seen, axis = [], ulysses.sequence_axis
+    monkeypatch.setattr(ulysses, "sequence_axis", lambda: seen.append(axis()[1]) or axis())
+    return seen

@@ -8,13 +8,13 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from helpers import sequence_degrees
 from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
 from tiny_pipelines import flux_pipeline, sd3_pipeline
 
 from configs import flux_wlf, sd3_wlf
 from d4k_jax import sample, sharding
-from d4k_jax.nn import ulysses
 from d4k_jax.pipelines import base
 
 PROMPTS = ["a red cat on the sky", "a blue dog", "a green square on a red background"]
@@ -90,8 +90,7 @@ EIGHT_HEADS["sd3"] = dict(num_attention_heads=8, attention_head_dim=4)
 @pytest.mark.parametrize("model", ["flux", "sd3"])
 def test_one_image_over_eight_devices_equals_one_device(tmp_path, model, monkeypatch):
     """mesh.sequence=8: each image's tokens, denoising loop and VAE decode split 8 ways (nn.ulysses)."""
-    degrees, axis = [], ulysses.sequence_axis
-    monkeypatch.setattr(ulysses, "sequence_axis", lambda: degrees.append(axis()[1]) or axis())
+    degrees = sequence_degrees(monkeypatch)
     (flux_pipeline if model == "flux" else sd3_pipeline)(tmp_path, model, **EIGHT_HEADS[model])
     (tmp_path / "prompts.txt").write_text(PROMPTS[0] + "\n")
     images = {}

@@ -12,12 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import LAYER_TOL, rel_err
+from helpers import sequence_degrees
 
 from d4k_jax import flops, sharding
 from d4k_jax.diffusion import flow, wavelet
 from d4k_jax.models.flux import DoubleBlock, Flux, FluxConfig
 from d4k_jax.models.mmdit import MMDiT, MMDiTConfig
-from d4k_jax.nn import ulysses
 
 # 8 heads each, so that every degree up to 8 divides them; 4x8 latents: 8 image tokens after Flux's 2x2 packing
 # and SD3's 2x2 patches. SD3 here is SD3.5-shaped: a dual-attention block and the last block, with qk-norm.
@@ -100,8 +100,7 @@ def _run(module, params, args, targets, grads):
 @pytest.mark.parametrize(("model", "mesh_name", "text_len", "grads"), CASES)
 def test_sequence_parallel_equals_one_device(model, mesh_name, text_len, grads, monkeypatch):
     module, params, args, targets, (loss, grad, velocity) = _setup(model, text_len)
-    degrees, axis = [], ulysses.sequence_axis
-    monkeypatch.setattr(ulysses, "sequence_axis", lambda: degrees.append(axis()[1]) or axis())
+    degrees = sequence_degrees(monkeypatch)
     shape = MESHES[mesh_name]
     mesh = sharding.make_mesh(shape, jax.devices()[: int(np.prod(list(shape.values())))])
     abstract = jax.eval_shape(module.init, jax.random.key(0), *args)

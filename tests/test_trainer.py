@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from array_batches import ArrayBatches
-from helpers import save_component
+from helpers import save_component, sequence_degrees
 from torch_flux import make_flux
 
 from d4k_jax import sharding
@@ -16,7 +16,6 @@ from d4k_jax import train_step as ts
 from d4k_jax.io import load_component
 from d4k_jax.io.components import kind_of_module
 from d4k_jax.metric_writers import drop_rows_after
-from d4k_jax.nn import ulysses
 from d4k_jax.trainer import NonFiniteLoss, Trainer
 
 
@@ -88,8 +87,7 @@ def test_resume_gives_the_uninterrupted_losses(flux, tmp_path, capsys):
 def test_sequence_parallel_training_gives_the_one_device_losses(tmp_path, monkeypatch):
     """train.mesh sequence 4 x fsdp 2: each image's 16 tokens over 4 devices (nn.ulysses; 5 text tokens stay
     replicated), two images over fsdp; the losses of the run on one device."""
-    degrees, axis = [], ulysses.sequence_axis
-    monkeypatch.setattr(ulysses, "sequence_axis", lambda: degrees.append(axis()[1]) or axis())
+    degrees = sequence_degrees(monkeypatch)
     flux4 = load_component(save_component(make_flux(seed=7, **FOUR_HEADS), tmp_path / "flux4"))
     module, params = flux4
     inputs = kind_of_module(module).init_inputs(module.config)

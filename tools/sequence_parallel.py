@@ -30,9 +30,9 @@ from absl import app, flags
 from d4k_jax import sharding
 from d4k_jax.models.flux import DoubleBlock, FluxConfig, SingleBlock
 from d4k_jax.models.mmdit import JointBlock, MMDiTConfig
-from d4k_jax.nn.ulysses import sequence_axis
+from d4k_jax.nn.ulysses import token_axes
 
-FLAGS = flags.DEFINE_multi_string("blocks", ["flux_double", "flux_single", "sd3_joint"], "blocks to compile")
+BLOCKS = flags.DEFINE_multi_string("blocks", ["flux_double", "flux_single", "sd3_joint"], "blocks to compile")
 DEGREES = flags.DEFINE_string("degrees", "1,2,4,8", "sequence degrees")
 SIZE = flags.DEFINE_integer("size", 4096, "image side in pixels (F16 VAE: size / 32 tokens per side)")
 TRAIN = flags.DEFINE_bool("train", False, "compile forward + backward of the block (else the forward)")
@@ -86,27 +86,23 @@ def measure(name: str, degree: int, size: int, train: bool) -> dict:
         loss = lambda p, img, txt: sum(jnp.sum(x.astype(jnp.float32)) for x in forward(p, img, txt, *a))
         return jax.grad(loss, argnums=(0, 1, 2))(p, img, txt)
 
-    with sharding.active(mesh):
-        split = sequence_axis()[1]
-        spec = lambda x, tokens: sharding.logical_sharding(
-            mesh, sharding.DEFAULT_RULES, ("batch", "length" if tokens else None, "embed")
+    with sharding.active(mesh):  # the models' own layouts: text split with the image only when T divides
+        place = lambda x: sharding.logical_sharding(mesh, sharding.DEFAULT_RULES, token_axes(x.shape[1]))
+        jitted = jax.jit(
+            step if train else forward, in_shardings=(None, place(image), place(text), *[None] * len(rest))
         )
-        shardings = (None, spec(image, True), spec(text, text.shape[1] % split == 0), *(None,) * len(rest))
-        jitted = jax.jit(step if train else forward, in_shardings=shardings)
         compiled = jitted.lower(params, image, text, *rest).compile()
     m = compiled.memory_analysis()
-    text_split = text.shape[1] % degree == 0
-    analytic = 4 * length * d // degree + (4 * text.shape[1] * d // degree if text_split and degree > 1 else 0)
-    if degree == 1:
-        analytic = 0
+    text_split = degree > 1 and text.shape[1] % degree == 0
+    moved = 0 if degree == 1 else 4 * (length + text.shape[1] * text_split) * d // degree  # q, k, v, o per device
     return dict(
         block=name,
         degree=degree,
         gib=(m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes) / 2**30,
         temp_gib=m.temp_size_in_bytes / 2**30,
         collectives=collective_elements(compiled.as_text()),
-        analytic_mib=analytic * 2 * (2 if train else 1) / 2**20,  # bf16; the backward repeats them
-        text="split" if text_split and degree > 1 else "replicated" if degree > 1 else "-",
+        analytic_mib=moved * 2 * (2 if train else 1) / 2**20,  # bf16; the backward repeats them
+        text="-" if degree == 1 else "split" if text_split else "replicated",
     )
 
 
@@ -115,7 +111,7 @@ def main(argv) -> None:
     mode = "forward + backward" if TRAIN.value else "forward"
     print(f"| block ({mode}) | degree | text | per-device GiB (temp) | collectives per device | all-to-all analytic |")
     print("|---|---|---|---|---|---|")
-    for name in FLAGS.value:
+    for name in BLOCKS.value:
         for degree in (int(x) for x in DEGREES.value.split(",")):
             r = measure(name, degree, SIZE.value, TRAIN.value)
             ops = ", ".join(f"{k} {n}x = {2 * e / 2**20:.1f} MiB" for k, (n, e) in sorted(r["collectives"].items()))

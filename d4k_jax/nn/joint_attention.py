@@ -46,9 +46,12 @@ class JointAttention(nn.Module):
 
         return project
 
+    def _merged(self, o: jax.Array) -> jax.Array:  # [B, L, N, K] -> [B, L, N * K]
+        return o.reshape(*o.shape[:2], self.heads * self.head_dim)
+
     def _out(self, o: jax.Array, features: int, name: str) -> jax.Array:
-        o = o.reshape(*o.shape[:2], self.heads * self.head_dim)
-        return Dense(features, axes=("heads", "embed"), dtype=self.dtype, param_dtype=self.param_dtype, name=name)(o)
+        dense = Dense(features, axes=("heads", "embed"), dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        return dense(self._merged(o))
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None, rope: tuple[jax.Array, jax.Array] | None = None):
@@ -73,8 +76,7 @@ class JointAttention(nn.Module):
                 text_qkv[:2] = (apply_rope(y, *text_rope) for y in text_qkv[:2])
         o_text, o_image = ulysses.joint_attention(None if text_qkv is None else tuple(text_qkv), tuple(image_qkv))
         if not self.out:
-            flat = lambda o: o.reshape(*o.shape[:2], self.heads * self.head_dim)
-            return flat(o_image) if context is None else (flat(o_image), flat(o_text))
+            return self._merged(o_image) if context is None else (self._merged(o_image), self._merged(o_text))
         img = self._out(o_image, x.shape[-1], "to_out_0")
         if context is None:
             return img
