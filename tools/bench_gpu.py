@@ -5,6 +5,10 @@
     python -m tools.bench_gpu torch_sample --model=sd3|flux                     # diffusers on the same GPU
 
 `--layers=N` shrinks the transformer (a dry run on a CPU); `--out=FILE` appends one JSON line per result.
+Levers of issue 16, each alone: `--remat=POLICY` (train), `--model_opt=FIELD=VALUE` (any field of the model's
+config, e.g. fused_qkv=true), `--attention=IMPL` (forces nn.attention's kernel, e.g. mgpu); XLA flags come
+from the environment. `--profile=DIR` traces one more run and appends its top-15 op table (tools/op_profile)
+to DIR/ops.md.
 Sampling excludes the text encoders (the pipelines release them before denoising) and includes the F16
 VAE decode; s/step is (program - decode) / steps, so the decode is not spread over the steps.
 """
@@ -12,8 +16,10 @@ VAE decode; s/step is (program - decode) / steps, so the decode is not spread ov
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
 import time
 
 
@@ -44,13 +50,49 @@ def _model(args, dtype, param_dtype, remat: str):
     from d4k_jax.models.flux import Flux, FluxConfig
     from d4k_jax.models.mmdit import MMDiT, MMDiTConfig
 
+    opts = dict(_option(o) for o in args.model_opt)
     if args.model == "flux":
-        cfg = FluxConfig(remat=remat)
+        cfg = dataclasses.replace(FluxConfig(remat=remat), **opts)
         if args.layers:
             cfg = dataclasses.replace(cfg, num_layers=args.layers, num_single_layers=2 * args.layers)
         return Flux(cfg, dtype=dtype, param_dtype=param_dtype), 768, 512
-    cfg = MMDiTConfig(num_layers=args.layers or 24, remat=remat)
+    cfg = dataclasses.replace(MMDiTConfig(num_layers=args.layers or 24, remat=remat), **opts)
     return MMDiT(cfg, dtype=dtype, param_dtype=param_dtype), 2048, 77 + 256
+
+
+def _option(text: str) -> tuple[str, object]:
+    """'FIELD=VALUE' -> (field, value parsed as JSON when it is JSON: true, 3, 0.5; else the string)."""
+    field, _, value = text.partition("=")
+    try:
+        return field, json.loads(value)
+    except json.JSONDecodeError:
+        return field, value
+
+
+def _forced_attention(args):
+    """The context forcing --attention's kernel while a program is traced (no-op without the flag)."""
+    from d4k_jax.nn import attention
+
+    return attention.forced(args.attention) if args.attention else contextlib.nullcontext()
+
+
+def _levers(args) -> dict:
+    """The levers a result was measured with (for its JSON line)."""
+    flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if f.startswith("--xla_gpu"))
+    return dict(model_opt=",".join(args.model_opt), attention=args.attention or "auto", xla_flags=flags)
+
+
+def _profile(args, run, compiled, title: str) -> None:
+    """With --profile: one traced run of `run`, its top-15 op table appended to DIR/ops.md (+ .jsonl)."""
+    if not args.profile:
+        return
+    from tools import op_profile
+
+    os.makedirs(args.profile, exist_ok=True)
+    rows = op_profile.profile(run, os.path.join(args.profile, "trace"), [compiled.as_text()])
+    title = f"{title} ({', '.join(f'{k}={v}' for k, v in _levers(args).items() if v)})"
+    op_profile.save(rows, os.path.join(args.profile, "ops.md"), title)
+    print(op_profile.markdown(rows, title), flush=True)
 
 
 def _init(module, inputs, dtype):
@@ -99,8 +141,11 @@ def sample(args) -> None:
         text, pooled, scale = normal(2, text_len, 4096), normal(2, pooled_dim), jnp.float32(4.5)
         params = _init(module, (latents, jnp.zeros((1,)), text[:1], pooled[:1]), dtype)
         program = jax.jit(lambda *a: sd3_pipe._sample(module, vae, *a, cfg=True))
-    run = lambda: program(params, vae_params, latents, text, pooled, scale, sigmas, timesteps).block_until_ready()
+    inputs = (params, vae_params, latents, text, pooled, scale, sigmas, timesteps)
     t = time.perf_counter()
+    with _forced_attention(args):
+        program = program.lower(*inputs).compile()
+    run = lambda: program(*inputs).block_until_ready()
     run()
     compile_s = time.perf_counter() - t
     peak = _peak_bytes()
@@ -124,8 +169,10 @@ def sample(args) -> None:
             decode_s=decode_s,
             first_call_s=compile_s,
             peak_gib=peak / 2**30 if peak else None,
+            **_levers(args),
         ),
     )
+    _profile(args, run, program, f"{args.model} sampling, {args.steps} steps at {args.size}² (+ F16 decode)")
 
 
 def train(args) -> None:
@@ -166,10 +213,11 @@ def train(args) -> None:
     batch_shapes = {**first, "text": sds((b, text_len, 4096), dtype)}
     batch_shapes["pooled"] = sds((b, pooled_dim), dtype)
     t = time.perf_counter()
-    lowered, state_abs = train_step_lowered(
-        module, small, tx, cfg, mesh, batch_shapes, vae=vae, vae_small=vae_small,
-        encode_passes=b, microbatches=args.microbatches,
-    )  # fmt: skip
+    with _forced_attention(args):
+        lowered, state_abs = train_step_lowered(
+            module, small, tx, cfg, mesh, batch_shapes, vae=vae, vae_small=vae_small,
+            encode_passes=b, microbatches=args.microbatches,
+        )  # fmt: skip
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t
 
@@ -218,8 +266,11 @@ def train(args) -> None:
             loss=float(metrics["loss"]),
             compile_s=compile_s,
             peak_gib=(_peak_bytes() or 0) / 2**30,
+            **_levers(args),
         ),
     )
+    step = lambda: compiled(state, batch, key, vae_params)[1]["loss"].block_until_ready()
+    _profile(args, step, compiled, f"{args.model} train step, batch {b} at {s}², remat {args.remat}")
 
 
 def torch_sample(args) -> None:
@@ -294,6 +345,9 @@ def main(argv=None) -> None:
     parser.add_argument("--remat", default="full")
     parser.add_argument("--latents", action="store_true", help="train on precomputed latents (no VAE encode)")
     parser.add_argument("--layers", type=int, default=0, help="shrink the transformer (dry runs)")
+    parser.add_argument("--model_opt", action="append", default=[], help="FIELD=VALUE of the model config")
+    parser.add_argument("--attention", default="", help="force nn.attention's kernel (cudnn, mgpu, ...)")
+    parser.add_argument("--profile", default="", help="append a top-15 op table of one traced run to DIR/ops.md")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
     args.size = args.size or 4096
