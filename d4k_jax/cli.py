@@ -8,6 +8,7 @@
   everyone's warnings stay. `--verbose` brings the libraries' INFO logs back.
 - An unknown `--config.a.b=...` field is named with the fields that exist at that level, instead of the
   AttributeError ml_collections raises while the flags are parsed.
+- The project's GPU XLA options (d4k_jax/xla_flags.py) join XLA_FLAGS before JAX starts a backend.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from pathlib import Path
 
 from absl import app, flags
 from absl import logging as absl_logging
+
+from d4k_jax import xla_flags
 
 EXIT_USER_ERROR = 2
 
@@ -120,6 +123,7 @@ def run(main: Callable[[list[str]], object], config_flag: str | None = "config")
         return main(argv)
 
     quiet_libraries()
+    xla_flags.apply()
     try:
         app.run(guarded)
     except (AttributeError, KeyError):  # ml_collections, while parsing a --config.a.b override
