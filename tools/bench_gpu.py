@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import tempfile
 import time
 
 
@@ -89,7 +90,8 @@ def _profile(args, run, compiled, title: str) -> None:
     from tools import op_profile
 
     os.makedirs(args.profile, exist_ok=True)
-    rows = op_profile.profile(run, os.path.join(args.profile, "trace"), [compiled.as_text()])
+    trace = tempfile.mkdtemp(prefix="d4k_trace_")  # traces are large: only the table goes to DIR
+    rows = op_profile.profile(run, trace, [compiled.as_text()])
     title = f"{title} ({', '.join(f'{k}={v}' for k, v in _levers(args).items() if v)})"
     op_profile.save(rows, os.path.join(args.profile, "ops.md"), title)
     print(op_profile.markdown(rows, title), flush=True)
