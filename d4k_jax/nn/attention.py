@@ -8,6 +8,10 @@ It picks the kernel for the backend so that no model hard-codes one:
     attention has one head of width 512 and 65,536 tokens at 4096² with the F16 VAE);
   - "splash": TPU splash attention (`nn/splash.py`), on TPU for every float32/bfloat16 attention without a
     bias or mask; asked for explicitly it runs anywhere (in the Pallas interpreter off TPU);
+  - "mgpu": jax's Pallas Mosaic-GPU FlashAttention-3 kernel (`nn/mgpu_attention.py`: padded to its tiles with
+    exact corrections; Hopper, bf16/fp16, head dim 64 or 128, no bias or mask). Not the default: the environment
+    variable D4K_ATTENTION=mgpu makes it the GPU's flash kernel wherever it takes the inputs ("cudnn" elsewhere),
+    read when a program is traced, so it also holds inside the Ulysses shard_map and for any CLI or benchmark;
   - "xla": the plain XLA form, for short sequences (text encoders) and masks/biases.
 """
 
@@ -16,19 +20,21 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import os
 from collections.abc import Iterator
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 
-from d4k_jax.nn import splash
+from d4k_jax.nn import mgpu_attention, splash
 
-Implementation = Literal["cudnn", "splash", "chunked", "xla"]
+Implementation = Literal["cudnn", "mgpu", "splash", "chunked", "xla"]
 
 # Above this many score elements per (batch, head) the chunked form is used instead of "xla".
 _CHUNK_THRESHOLD = 4096 * 4096
 _CUDNN_MAX_HEAD_DIM = 128
+_GPU_FLASH_ENV = "D4K_ATTENTION"  # which flash kernel the GPU default uses: "cudnn" (unset) or "mgpu"
 _FORCED: contextvars.ContextVar[Implementation | None] = contextvars.ContextVar("attention", default=None)
 
 
@@ -50,12 +56,21 @@ def choose_implementation(q: jax.Array, k: jax.Array, *, has_bias: bool, has_mas
     backend = jax.default_backend()
     head_dim = q.shape[-1]
     if backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and head_dim <= _CUDNN_MAX_HEAD_DIM and not has_bias:
+        if _gpu_flash() == "mgpu" and not mgpu_attention.problems(q, has_bias=has_bias, has_mask=has_mask):
+            return "mgpu"
         return "cudnn"
     if backend == "tpu" and q.dtype in splash.DTYPES and not (has_bias or has_mask):
         return "splash"
     if not (has_bias or has_mask) and q.shape[1] * k.shape[1] > _CHUNK_THRESHOLD:
         return "chunked"
     return "xla"
+
+
+def _gpu_flash() -> str:
+    choice = os.environ.get(_GPU_FLASH_ENV) or "cudnn"
+    if choice not in ("cudnn", "mgpu"):
+        raise ValueError(f"{_GPU_FLASH_ENV}={choice!r}: expected 'cudnn' or 'mgpu' (or unset)")
+    return choice
 
 
 def dot_product_attention(
@@ -80,6 +95,10 @@ def dot_product_attention(
     impl = implementation or choose_implementation(q, k, has_bias=bias is not None, has_mask=mask is not None)
     if impl == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+    if impl == "mgpu":
+        if found := mgpu_attention.problems(q, has_bias=bias is not None, has_mask=mask is not None):
+            raise ValueError(f"the mgpu attention cannot take {'; '.join(found)}")
+        return mgpu_attention.attention(q, k, v, scale, mgpu_attention.gpu_kernel(q.shape[-1]))
     if impl == "splash":
         if bias is not None or mask is not None:
             raise ValueError("the splash attention takes no bias or mask; use implementation='xla'")
