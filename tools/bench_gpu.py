@@ -6,7 +6,7 @@
 
 `--layers=N` shrinks the transformer (a dry run on a CPU); `--out=FILE` appends one JSON line per result.
 Levers of issue 16, each alone: `--remat=POLICY` (train), `--model_opt=FIELD=VALUE` (any field of the model's
-config, e.g. fused_qkv=true), `--attention=IMPL` (forces nn.attention's kernel, e.g. mgpu); XLA flags come
+config, e.g. fused_qkv=true), `--attention=mgpu` (D4K_ATTENTION: the GPU flash kernel); XLA flags come
 from the environment. `--profile=DIR` traces one more run and appends its top-15 op table (tools/op_profile)
 to DIR/ops.md.
 Sampling excludes the text encoders (the pipelines release them before denoising) and includes the F16
@@ -16,7 +16,6 @@ VAE decode; s/step is (program - decode) / steps, so the decode is not spread ov
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
@@ -70,17 +69,11 @@ def _option(text: str) -> tuple[str, object]:
         return field, value
 
 
-def _forced_attention(args):
-    """The context forcing --attention's kernel while a program is traced (no-op without the flag)."""
-    from d4k_jax.nn import attention
-
-    return attention.forced(args.attention) if args.attention else contextlib.nullcontext()
-
-
 def _levers(args) -> dict:
     """The levers a result was measured with (for its JSON line)."""
     flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if f.startswith("--xla_gpu"))
-    return dict(model_opt=",".join(args.model_opt), attention=args.attention or "auto", xla_flags=flags)
+    attention = os.environ.get("D4K_ATTENTION") or "auto"
+    return dict(model_opt=",".join(args.model_opt), attention=attention, xla_flags=flags)
 
 
 def _profile(args, run, compiled, title: str) -> None:
@@ -145,8 +138,7 @@ def sample(args) -> None:
         program = jax.jit(lambda *a: sd3_pipe._sample(module, vae, *a, cfg=True))
     inputs = (params, vae_params, latents, text, pooled, scale, sigmas, timesteps)
     t = time.perf_counter()
-    with _forced_attention(args):
-        program = program.lower(*inputs).compile()
+    program = program.lower(*inputs).compile()
     run = lambda: program(*inputs).block_until_ready()
     run()
     compile_s = time.perf_counter() - t
@@ -215,11 +207,10 @@ def train(args) -> None:
     batch_shapes = {**first, "text": sds((b, text_len, 4096), dtype)}
     batch_shapes["pooled"] = sds((b, pooled_dim), dtype)
     t = time.perf_counter()
-    with _forced_attention(args):
-        lowered, state_abs = train_step_lowered(
-            module, small, tx, cfg, mesh, batch_shapes, vae=vae, vae_small=vae_small,
-            encode_passes=b, microbatches=args.microbatches,
-        )  # fmt: skip
+    lowered, state_abs = train_step_lowered(
+        module, small, tx, cfg, mesh, batch_shapes, vae=vae, vae_small=vae_small,
+        encode_passes=b, microbatches=args.microbatches,
+    )  # fmt: skip
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t
 
@@ -348,11 +339,13 @@ def main(argv=None) -> None:
     parser.add_argument("--latents", action="store_true", help="train on precomputed latents (no VAE encode)")
     parser.add_argument("--layers", type=int, default=0, help="shrink the transformer (dry runs)")
     parser.add_argument("--model_opt", action="append", default=[], help="FIELD=VALUE of the model config")
-    parser.add_argument("--attention", default="", help="force nn.attention's kernel (cudnn, mgpu, ...)")
+    parser.add_argument("--attention", default="", help="the GPU flash kernel: sets D4K_ATTENTION (mgpu)")
     parser.add_argument("--profile", default="", help="append a top-15 op table of one traced run to DIR/ops.md")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
     args.size = args.size or 4096
+    if args.attention:  # nn.attention reads it when a program is traced: mgpu where it fits, cuDNN elsewhere
+        os.environ["D4K_ATTENTION"] = args.attention
     dict(sample=sample, train=train, torch_sample=torch_sample)[args.cmd](args)
 
 
