@@ -26,6 +26,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from d4k_jax.nn import mgpu_attention, splash
 
@@ -35,6 +36,8 @@ Implementation = Literal["cudnn", "mgpu", "splash", "chunked", "xla"]
 _CHUNK_THRESHOLD = 4096 * 4096
 _CUDNN_MAX_HEAD_DIM = 128
 _GPU_FLASH_ENV = "D4K_ATTENTION"  # which flash kernel the GPU default uses: "cudnn" (unset) or "mgpu"
+# The checkpoint name of what the remat policy "save_attention" (nn/stack.py) keeps of each attention.
+ATTENTION_OUT = "attention_out"
 _FORCED: contextvars.ContextVar[Implementation | None] = contextvars.ContextVar("attention", default=None)
 
 
@@ -93,21 +96,23 @@ def dot_product_attention(
         raise ValueError(f"attention expects q [B, L, N, K] and k, v [B, S, N, K]; got {q.shape}, {k.shape}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     impl = implementation or choose_implementation(q, k, has_bias=bias is not None, has_mask=mask is not None)
+    # Each kernel exposes its residuals to "save_attention" once: cuDNN's are matched by their primitive (a name on
+    # its O would save O twice), splash names its O and logsumexp itself; the XLA forms' O is named here.
     if impl == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
     if impl == "mgpu":
         if found := mgpu_attention.problems(q, has_bias=bias is not None, has_mask=mask is not None):
             raise ValueError(f"the mgpu attention cannot take {'; '.join(found)}")
-        return mgpu_attention.attention(q, k, v, scale, mgpu_attention.gpu_kernel(q.shape[-1]))
+        return mgpu_attention.attention(q, k, v, scale, mgpu_attention.gpu_kernel(q.shape[-1]), ATTENTION_OUT)
     if impl == "splash":
         if bias is not None or mask is not None:
             raise ValueError("the splash attention takes no bias or mask; use implementation='xla'")
-        return splash.splash_attention(q, k, v, scale)
+        return splash.splash_attention(q, k, v, scale, residual_name=ATTENTION_OUT)
     if impl == "chunked":
         if bias is not None or mask is not None:
             raise ValueError("the chunked attention takes no bias or mask; use implementation='xla'")
-        return _chunked_attention(q, k, v, scale, chunk_size)
-    return _xla_attention(q, k, v, bias, mask, scale)
+        return checkpoint_name(_chunked_attention(q, k, v, scale, chunk_size), ATTENTION_OUT)
+    return checkpoint_name(_xla_attention(q, k, v, bias, mask, scale), ATTENTION_OUT)
 
 
 def _xla_attention(q, k, v, bias, mask, scale):

@@ -39,6 +39,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 LOG2E = math.log2(math.e)
 DTYPES = (jnp.bfloat16, jnp.float16)  # what `attention` takes with the Mosaic kernel (it computes in float16)
@@ -146,20 +147,23 @@ def reference_kernel(q_multiple: int = 1, kv_multiple: int = 1, dtype=jnp.float3
     return Kernel(forward, backward, q_multiple, kv_multiple, jnp.dtype(dtype))
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, kernel: Kernel) -> jax.Array:
+def attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, scale: float, kernel: Kernel, residual_name: str | None = None
+) -> jax.Array:
     """Exact softmax attention through `kernel` at any lengths: q [B, L, N, K], k, v [B, S, N, K] -> [B, L, N, K]
-    in q's dtype (module docstring: the padding and its corrections)."""
+    in q's dtype (module docstring: the padding and its corrections). `residual_name` names the kernel's
+    output and log-sum-exp residuals for remat policies (nn/stack.py's "save_attention")."""
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"the mgpu attention expects q, k, v of one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-    return _attention(kernel, float(scale), k.shape[1], q, k, v)
+    return _attention(kernel, float(scale), k.shape[1], residual_name, q, k, v)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _attention(kernel, scale, kv_length, q, k, v):
-    return _forward(kernel, scale, kv_length, q, k, v)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _attention(kernel, scale, kv_length, name, q, k, v):
+    return _forward(kernel, scale, kv_length, name, q, k, v)[0]
 
 
-def _forward(kernel: Kernel, scale: float, kv_length: int, q, k, v):
+def _forward(kernel: Kernel, scale: float, kv_length: int, name: str | None, q, k, v):
     length = q.shape[1]
     n_pad = -kv_length % kernel.kv_multiple
     f32 = lambda x: x.astype(jnp.float32)
@@ -177,14 +181,16 @@ def _forward(kernel: Kernel, scale: float, kv_length: int, q, k, v):
         lse = lse + jnp.log1p(-r) / math.log(2)
         out = out / (1 - r).transpose(0, 2, 1)[..., None]
     out = out.astype(kernel.dtype)
+    if name:  # what a remat policy saving `name` keeps: the backward then reruns only casts and pads
+        out, lse = checkpoint_name(out, name), checkpoint_name(lse, name)
     return out[:, :length].astype(q.dtype), (qp, kp, vp, out, lse, k_mean, s_mean)
 
 
-def _fwd(kernel, scale, kv_length, q, k, v):
-    return _forward(kernel, scale, kv_length, q, k, v)
+def _fwd(kernel, scale, kv_length, name, q, k, v):
+    return _forward(kernel, scale, kv_length, name, q, k, v)
 
 
-def _bwd(kernel, scale, kv_length, residuals, do):
+def _bwd(kernel, scale, kv_length, name, residuals, do):
     qp, kp, vp, out, lse, k_mean, s_mean = residuals
     do32 = do.astype(jnp.float32)
     # a power of two per (batch, head) that brings max |do| into [0.5, 1): exact to apply and to undo

@@ -55,9 +55,11 @@ def block_and_padded_length(length: int, max_block: int) -> tuple[int, int]:
     return max_block, _round_up(length, max_block)
 
 
-def _make_kernel(heads: int, shape: tuple[int, int], blocks: tuple[int, int], interpret: bool):
+def _make_kernel(
+    heads: int, shape: tuple[int, int], blocks: tuple[int, int], interpret: bool, residual_name: str | None = None
+):
     """The splash kernel for `heads` heads over a full [padded L, padded S] mask, with the same blocks forward
-    and backward."""
+    and backward, its backward's residuals O and logsumexp named `residual_name` (for a remat policy)."""
     # Imported here: Pallas' TPU ops add a quarter second to every process that imports the attention dispatch.
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
@@ -75,7 +77,13 @@ def _make_kernel(heads: int, shape: tuple[int, int], blocks: tuple[int, int], in
     )
     mask = mask_lib.MultiHeadMask([mask_lib.FullMask(shape)] * heads)
     return kernel_lib.make_splash_mha(
-        mask, head_shards=1, q_seq_shards=1, block_sizes=block_sizes, save_residuals=False, interpret=interpret
+        mask,
+        head_shards=1,
+        q_seq_shards=1,
+        block_sizes=block_sizes,
+        save_residuals=False,
+        residual_checkpoint_name=residual_name,
+        interpret=interpret,
     )
 
 
@@ -104,11 +112,13 @@ def splash_attention(
     max_block: int | None = None,
     pad_head_dim: bool | None = None,
     interpret: bool | None = None,
+    residual_name: str | None = None,
 ) -> jax.Array:
     """Softmax attention through the splash kernel. q [B, L, N, K], k and v [B, S, N, K] -> [B, L, N, K].
 
     `max_block` defaults to 512 (256 for K > 256); `pad_head_dim` (K up to a multiple of 128) and `interpret`
-    (the Pallas interpreter) default to "on TPU" and "not on TPU".
+    (the Pallas interpreter) default to "on TPU" and "not on TPU". `residual_name` names the kernel's residuals for
+    the backward (O and the logsumexp, padded [B, N, L', K'] and [B, N, L']) with `jax.ad_checkpoint.checkpoint_name`.
     """
     if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"splash attention takes float32 or bfloat16 q, k, v; got {q.dtype}, {k.dtype}, {v.dtype}")
@@ -130,7 +140,7 @@ def splash_attention(
     k = _pad(_pad(k, 2, padded_kv), 3, padded_dim)
     v = _pad(_pad(v, 2, padded_kv), 3, padded_dim)
 
-    kernel = _make_kernel(q.shape[1], (padded_q, padded_kv), (block_q, block_kv), interpret)
+    kernel = _make_kernel(q.shape[1], (padded_q, padded_kv), (block_q, block_kv), interpret, residual_name)
     segment_ids = _key_padding_ids(padded_q, kv_length, padded_kv) if padded_kv != kv_length else None
     out = jax.vmap(kernel, in_axes=(0, 0, 0, None))(q, k, v, segment_ids)  # [B, N, L', K']
     return jnp.swapaxes(out[:, :, :length, :head_dim], 1, 2)
