@@ -2,7 +2,8 @@
 
 It picks the kernel for the backend so that no model hard-codes one:
   - "cudnn": cuDNN flash attention through `jax.nn.dot_product_attention` (GPU, bf16/fp16,
-    head dim <= 128, no bias);
+    head dim <= 128, no bias); odd lengths are padded to even ones, exactly (`even_lengths`: jax refuses odd
+    lengths under jax.grad);
   - "chunked": exact softmax attention over query chunks, so the score matrix never exceeds
     [B, N, chunk, S]; used for long sequences wherever cuDNN does not apply (the VAE mid-block
     attention has one head of width 512 and 65,536 tokens at 4096² with the F16 VAE);
@@ -21,7 +22,7 @@ import contextlib
 import contextvars
 import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import jax
@@ -99,7 +100,7 @@ def dot_product_attention(
     # Each kernel exposes its residuals to "save_attention" once: cuDNN's are matched by their primitive (a name on
     # its O would save O twice), splash names its O and logsumexp itself; the XLA forms' O is named here.
     if impl == "cudnn":
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+        return even_lengths(functools.partial(_cudnn_attention, scale=scale), q, k, v, mask)
     if impl == "mgpu":
         if found := mgpu_attention.problems(q, has_bias=bias is not None, has_mask=mask is not None):
             raise ValueError(f"the mgpu attention cannot take {'; '.join(found)}")
@@ -113,6 +114,52 @@ def dot_product_attention(
             raise ValueError("the chunked attention takes no bias or mask; use implementation='xla'")
         return checkpoint_name(_chunked_attention(q, k, v, scale, chunk_size), ATTENTION_OUT)
     return checkpoint_name(_xla_attention(q, k, v, bias, mask, scale), ATTENTION_OUT)
+
+
+def _cudnn_attention(q, k, v, mask, key_value_seq_lengths, *, scale):
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=mask, scale=scale, key_value_seq_lengths=key_value_seq_lengths, implementation="cudnn"
+    )
+
+
+# jax's cuDNN attention (0.10.2) rejects an odd q or kv length when differentiated, at trace time
+# ("NotImplementedError: Unsupported sequence length Q 16461, KV 16461."): its custom_vjp forward rule checks
+# `bias is not None` where the missing bias is a size-0 placeholder, so the "even lengths with a bias in training"
+# rule always applies. Flux at 77 T5 tokens (16,384 + 77 = 16,461) and SD3 at 77 + 256 (16,717) would not train.
+# The padding is exact, and NaN-free in the backward:
+#   - k and v get one zero row, masked out: by cuDNN's padding mask (key_value_seq_lengths = the real length;
+#     queries stay unmasked), or, with a dense mask, by a False column (one mask path, not both at once);
+#   - q gets one zero row that attends normally (uniform softmax over the real keys: finite O and statistics) and
+#     whose output is sliced off. Its cotangent is exactly 0, so dP = do·vᵀ = 0, delta = Σ o·do = 0 and
+#     dS = P (dP - delta) = 0: it adds exact zeros to dk, dv, and its dq row is dropped by the pad's transpose.
+#     Masking that row with query_seq_lengths instead would rely on what cuDNN writes into the O and statistics of
+#     rows past the length (undocumented: -inf or unwritten statistics make P inf/NaN, and NaN · 0 is NaN in dk/dv);
+#     an edge copy of a real row would be exact too, but routes the pad row's dq (0) into a real row.
+# Also applied without a gradient (the trace cannot tell): sampling at odd lengths costs one token and the padding
+# mask. Inside the Ulysses shard_map each device pads its whole sequences (the lengths are the global ones). Under
+# the "save_attention" remat policy cuDNN's saved outputs are the padded O [B, L+1, N, K] and statistics.
+def even_lengths(
+    kernel: Callable, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None
+) -> jax.Array:
+    """`kernel(q, k, v, mask, key_value_seq_lengths) -> out` (a dot_product_attention taking lengths [B] int32
+    that mask keys at and past them, or None) run at even q and kv lengths: q [B, L, N, K], k and v [B, S, N, K],
+    mask None or [..., L, S] (True = attend) -> [B, L, N, K], equal to the kernel at the unpadded lengths."""
+    length, keys = q.shape[1], k.shape[1]
+    pad_q, pad_kv = length % 2, keys % 2
+    if not (pad_q or pad_kv):
+        return kernel(q, k, v, mask, None)
+    rows = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0)))
+    q, k, v = rows(q, pad_q), rows(k, pad_kv), rows(v, pad_kv)
+    lengths = None
+    if mask is not None:
+        if mask.shape[-2:] != (length, keys):
+            raise ValueError(f"even_lengths expects a mask [..., {length}, {keys}] (True = attend); got {mask.shape}")
+        edges = lambda axis, n: [(0, 0)] * (mask.ndim - 2 + axis) + [(0, n)] + [(0, 0)] * (1 - axis)
+        mask = jnp.pad(mask, edges(0, pad_q), constant_values=True)
+        mask = jnp.pad(mask, edges(1, pad_kv), constant_values=False)
+    elif pad_kv:
+        lengths = jnp.full((q.shape[0],), keys, jnp.int32)
+    return kernel(q, k, v, mask, lengths)[:, :length]
 
 
 def _xla_attention(q, k, v, bias, mask, scale):
