@@ -11,7 +11,8 @@
 #   PARTS="attention sample_sd3" bash ...       # any list of the part names below
 #
 # Before the run, on the CPU machine: the device image has its own jax; carry flax/optax/... wheels in .whl/
-# (`pip download --no-deps -d .whl flax==0.12.8 optax==0.2.8 ml-collections`), and for the baseline part
+# (`pip download --no-deps -d .whl flax==0.12.8 optax==0.2.8 ml-collections pytest pluggy iniconfig`), and for
+# the baseline part
 # `mkdir -p .baseline && git archive 3228995 d4k_jax tools | tar -x -C .baseline`; pass both as `carry`.
 set -u
 OUT=${OUT:-/tmp/out}
@@ -66,6 +67,13 @@ part() {
     train_save_fused) bench 170 train --model=sd3 --batch=8 --microbatches=8 --steps=2 --remat=$SAVE \
       --model_opt=fused_qkv=true ;;
     train_save_mgpu) bench 170 train --model=sd3 --batch=8 --microbatches=8 --steps=2 --remat=$SAVE --attention=mgpu ;;
+    # the GPU-only tests (cuDNN at odd lengths and the Mosaic kernel against XLA); conftest defaults to the CPU
+    gpu_tests) run 150 env JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider -k gpu \
+      tests/test_cudnn_odd_lengths.py tests/test_mgpu_attention.py ;;
+    # Flux's 16,461-token train step (77 T5 tokens: odd, padded for cuDNN). NOT FLUX.1-dev: 2 + 4 blocks (1.31B),
+    # since full fine-tuning with AdamW (~177 GiB of state) fits no single GPU; a smoke test, never an MFU figure
+    train_flux_smoke) bench 150 train --model=flux --layers=2 --batch=2 --microbatches=2 --latents --steps=2 \
+      --remat=$SAVE ;;
     # issue 16 lever 4: each candidate flag alone on SD3 sampling, then none at all
     flags)
       for name in $(python3 -c "from d4k_jax import xla_flags; print(*xla_flags.CANDIDATES)"); do
@@ -90,10 +98,10 @@ part() {
 }
 
 case ${PARTS:-core} in
-  core) PARTS="attention train_full train_save sample_sd3 sample_flux train_save_latents" ;;
+  core) PARTS="attention train_full train_save sample_sd3 sample_flux train_save_latents gpu_tests" ;;
   levers) PARTS="sample_sd3_fused sample_sd3_mgpu sample_flux_fused sample_flux_mgpu train_save_fused train_save_mgpu" ;;
   flags) PARTS="flags train_flags" ;;
-  baselines) PARTS="torch baseline sample_sd3 sample_flux train_full_latents" ;;
+  baselines) PARTS="torch baseline train_full_latents train_flux_smoke" ;;
 esac
 for p in $PARTS; do part "$p"; done
 echo "== results ($SECONDS s)" && cat "$OUT/results.jsonl" "$OUT/baseline_3228995.jsonl" 2>/dev/null
