@@ -44,6 +44,9 @@ class FluxConfig:
     theta: float = 10000.0
     mlp_ratio: float = 4.0
     remat: str = "none"  # d4k_jax.nn.stack.REMAT_POLICIES; "full" / "dots" for training
+    # q/k/v (and the single blocks' proj_mlp) as one matmul per stream, same params (nn.joint_attention);
+    # off until a GPU measures it
+    fused_qkv: bool = False
 
     def __post_init__(self):
         if sum(self.axes_dims_rope) != self.attention_head_dim:
@@ -97,7 +100,8 @@ class _Block(nn.Module):
 
     def attention(self, **kw) -> JointAttention:
         cfg = self.config
-        return JointAttention(cfg.num_attention_heads, cfg.attention_head_dim, name="attn", **kw, **self.kw())
+        heads, head_dim = cfg.num_attention_heads, cfg.attention_head_dim
+        return JointAttention(heads, head_dim, fused_qkv=cfg.fused_qkv, name="attn", **kw, **self.kw())
 
     def norm(self, x: jax.Array) -> jax.Array:  # the affine-free LayerNorm of the adaLN blocks
         return LayerNorm(1e-6, use_scale=False, use_bias=False, dtype=self.dtype)(x)
@@ -138,16 +142,17 @@ class SingleBlock(_Block):
         d = self.config.dim
         shift, scale, gate = AdaLN(3, d, name="norm", **self.kw())(temb)
         h_img, h_txt = (modulate(self.norm(x), shift, scale) for x in carry)
-        attn = self.attention(out=False, shared=True)(h_img, h_txt, rope=(cos, sin))
         mlp = Dense(self.config.mlp_dim, axes=("embed", "mlp"), name="proj_mlp", **self.kw())
+        # proj_mlp's matmul joins q/k/v's under fused_qkv (BFL's linear1); its outputs come back beside them
+        attn, mlp_in = self.attention(out=False, shared=True)(h_img, h_txt, rope=(cos, sin), extra=mlp)
         # diffusers' proj_out acts on concat([attn, gelu(mlp)]): here two matmuls whose outputs add (the key
         # maps split its kernel's columns), so that a head-sharded attn and an mlp-sharded MLP each contract
         # where they are, with no [B, L, 5D] concatenation resharded between them under tensor parallelism
         proj_attn = Dense(d, axes=("heads", "embed"), use_bias=False, name="proj_out_attn", **self.kw())
         proj_mlp = Dense(d, axes=("mlp", "embed"), name="proj_out_mlp", **self.kw())
         out = [
-            x + gate * (proj_attn(a) + proj_mlp(nn.gelu(mlp(h), approximate=True)))
-            for x, a, h in zip(carry, attn, (h_img, h_txt), strict=True)
+            x + gate * (proj_attn(a) + proj_mlp(nn.gelu(m, approximate=True)))
+            for x, a, m in zip(carry, attn, mlp_in, strict=True)
         ]
         return tuple(nn.with_logical_constraint(x, token_axes(x.shape[1])) for x in out), None
 
