@@ -6,6 +6,7 @@ differ only in how the fused kernel is gathered (no activation is gathered for i
 import collections
 import dataclasses
 import re
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -141,3 +142,31 @@ def test_fused_single_block_sharded_gathers_only_the_same_weights():
     assert only_fused == {("all-gather", f"{d},2,56"): 1}, only_fused
     elements = lambda gathers: sum(np.prod([int(s) for s in shape.split(",")]) * n for (_, shape), n in gathers.items())
     assert elements(only_fused) == elements(only_plain)
+
+
+@pytest.mark.parametrize("model", ["flux", "sd3"])
+def test_the_config_flag_reaches_the_transformer(model, monkeypatch):
+    """`--config.fused_qkv=True` (sampling and training configs) is a load override of the transformer, which
+    the loader accepts and the model config takes."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from configs.training import DEMO_PIPELINES
+    from d4k_jax import sample, train
+    from d4k_jax.io import load_component
+    from d4k_jax.pipelines import pipeline_class
+
+    root = Path(__file__).resolve().parent.parent
+    argv = ["prog", f"--config={root}/configs/{model}_wlf.py:tiny", "--config.fused_qkv=True"]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "config", flag_values=values, sys_argv=argv)
+    values(argv)
+    c = values.config
+    c.pipeline = DEMO_PIPELINES[model]
+    seen = []
+    monkeypatch.setattr(pipeline_class(model), "from_pretrained", lambda *a, **kw: seen.append(kw))
+    sample.load_pipeline(c)
+    train._pipeline(c, c.pipeline, sharding.make_mesh({"data": 1}, jax.devices()[:1]), sharding.DEFAULT_RULES)
+    assert [kw["fused_qkv"] for kw in seen] == [True, True]
+    module, _ = load_component(f"{DEMO_PIPELINES[model]}/transformer", fused_qkv=True)
+    assert module.config.fused_qkv is True

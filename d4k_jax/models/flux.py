@@ -17,7 +17,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from d4k_jax.nn import Dense, LayerNorm, stack
 from d4k_jax.nn.embeddings import AdaLN, TimeTextEmbed, modulate
@@ -83,11 +82,13 @@ def unpack(x: jax.Array, h: int, w: int) -> jax.Array:
     return x.reshape(b, h, w, c4 // 4)
 
 
-def position_ids(h: int, w: int, text_len: int) -> np.ndarray:
-    """[T + L, 3]: txt_ids (zeros) then img_ids (0, row, col) over the packed H/2 x W/2 grid."""
-    rows, cols = np.meshgrid(np.arange(h // 2), np.arange(w // 2), indexing="ij")
-    img = np.stack([np.zeros_like(rows), rows, cols], -1).reshape(-1, 3)
-    return np.concatenate([np.zeros((text_len, 3), img.dtype), img])
+def position_ids(h: int, w: int, text_len: int) -> jax.Array:
+    """[T + L, 3] int32: txt_ids (zeros) then img_ids (0, row, col) over the packed H/2 x W/2 grid; from iota
+    under jit (computed in the program, not a constant of the program)."""
+    grid = (h // 2, w // 2)
+    rows, cols = (jax.lax.broadcasted_iota(jnp.int32, grid, axis).reshape(-1) for axis in (0, 1))
+    img = jnp.stack([jnp.zeros_like(rows), rows, cols], -1)
+    return jnp.concatenate([jnp.zeros((text_len, 3), jnp.int32), img])
 
 
 class _Block(nn.Module):
@@ -187,7 +188,8 @@ class Flux(nn.Module):
         img = nn.with_logical_constraint(img, _TOKENS)
         txt = nn.with_logical_constraint(txt, token_axes(txt.shape[1]))
         t = txt.shape[1]
-        cos, sin = (jnp.asarray(a) for a in rope_tables(position_ids(h, w, t), cfg.axes_dims_rope, cfg.theta))
+        sizes = (1, h // 2, w // 2)  # the ids' bounds per axis: index 0, rows, columns
+        cos, sin = rope_tables(position_ids(h, w, t), cfg.axes_dims_rope, cfg.theta, sizes)
 
         block_kw = dict(config=cfg, **kw)
         double = stack(DoubleBlock, cfg.num_layers, remat=cfg.remat, num_broadcast=3)
