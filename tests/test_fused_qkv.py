@@ -69,9 +69,9 @@ def _params(block: nn.Module, args: tuple):
     return jax.tree.map(lambda s: jnp.asarray(0.3 * rng.normal(size=s.shape), s.dtype), shapes)
 
 
-# the gradients where the paths differ most (each costs a backward compile): SD3's separate text projections and
-# image-only second attention, Flux's shared projections with proj_mlp joined; the double block's forward
-@pytest.mark.parametrize(("kind", "grads"), [("sd3", True), ("flux double", False), ("flux single", True)])
+# the gradients of both Flux blocks (each costs a backward compile): separate text projections, and shared ones
+# with proj_mlp joined; SD3's forward (qk-norm, and the image-only second attention of a dual block)
+@pytest.mark.parametrize(("kind", "grads"), [("sd3", False), ("flux double", True), ("flux single", True)])
 def test_fused_block_equals_unfused(kind, grads):
     args = _inputs(kind)
     plain, fused = _block(kind, False), _block(kind, True)

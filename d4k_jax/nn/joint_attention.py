@@ -30,8 +30,8 @@ def fused_kernel(
     (the logical "heads" / "mlp" axis on `tensor`) keeps that split on N, so each shard holds its own heads'
     columns of every layer and nothing is resharded; one concatenated output axis would put all of q on the
     first shards and all of v on the last. The concatenation happens per call (params stay as they are
-    stored): inside the convert fusion where fp32 params are cast to the compute dtype anyway, an extra copy
-    of the weights per step where they are stored in it.
+    stored): with fp32 params (training) XLA can fold it into the cast to the compute dtype; with params stored
+    in the compute dtype (sampling) it is one more copy of these weights per step (unmeasured on a GPU).
     """
     d = weights[0][0].shape[0]
     widths = [kernel.shape[-1] // heads for kernel, _ in weights]
@@ -41,8 +41,8 @@ def fused_kernel(
     kernel = jnp.concatenate(
         [k.astype(dtype).reshape(d, heads, c) for (k, _), c in zip(weights, widths, strict=True)], axis=-1
     )
-    biases = [jnp.zeros((heads, c), dtype) if b is None else b.astype(dtype).reshape(heads, c) for (_, b), c in
-              zip(weights, widths, strict=True)]  # fmt: skip
+    bias = lambda b, c: jnp.zeros((heads, c), dtype) if b is None else b.astype(dtype).reshape(heads, c)
+    biases = [bias(b, c) for (_, b), c in zip(weights, widths, strict=True)]
     return kernel, jnp.concatenate(biases, axis=-1), widths
 
 
