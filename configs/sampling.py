@@ -17,6 +17,9 @@ def sampling_config(model: str, steps: int, max_sequence_length: int, arg: str |
     c.mesh = {"data": -1, "fsdp": 1, "sequence": 1, "tensor": 1}
     c.num_devices = 0  # 0: every device (of every host); n: the first n
     c.shard_params = False  # True: FSDP-shard the transformer over the mesh's `fsdp` axis (set mesh fsdp > 1)
+    # True: the transformer computes q/k/v (Flux single blocks: and proj_mlp) as one matmul per stream, from the
+    # same weights (FluxConfig / MMDiTConfig.fused_qkv); sampling and training, eval samples included
+    c.fused_qkv = False
     # several processes (hosts): coordinator_address HOST:PORT, num_processes, process_id, or auto=True where JAX
     # detects the cluster (SLURM, Open MPI, Kubernetes, Cloud TPU); see d4k_jax/distributed.py
     c.distributed = ml_collections.ConfigDict(distributed.DEFAULTS)

@@ -275,6 +275,7 @@ def load_pipeline(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None =
         shard, replicated = c.get("shard_params", False), NamedSharding(mesh, PartitionSpec())
         opts = dict(sharding=(mesh, sharding.DEFAULT_RULES) if shard else replicated, vae_sharding=replicated)
     dtype = jnp.dtype(c.dtype)
+    opts["fused_qkv"] = bool(c.get("fused_qkv", False))  # how the transformer computes, not what
     return pipeline_class(c.model).from_pretrained(c.pipeline, dtype=dtype, vae_stride=c.vae_stride, **opts)
 
 

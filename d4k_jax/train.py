@@ -104,6 +104,7 @@ def _pipeline(c: ml_collections.ConfigDict, path: Path, mesh, rules) -> base.Pip
         vae_sharding=train_state.replicated(mesh),
         param_dtype=jnp.dtype(c.param_dtype),
         remat=c.train.remat,
+        fused_qkv=bool(c.get("fused_qkv", False)),
         sharding=(mesh, rules),
     )
 

@@ -63,6 +63,7 @@ RESUMABLE = {
     "mesh": "the sampling mesh",
     "num_devices": "sampling's device count",
     "shard_params": "sampling's parameter layout",
+    "fused_qkv": "q/k/v computed as one matmul from the same weights: the same step",
     "distributed": "multi-process start-up",
 }
 # Not in RESUMABLE, deliberately: data.worker_count (grain's stream, and its saved state, depend on it),

@@ -17,7 +17,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from d4k_jax.nn import Dense, LayerNorm, stack
 from d4k_jax.nn.embeddings import AdaLN, TimeTextEmbed, modulate
@@ -44,6 +43,9 @@ class FluxConfig:
     theta: float = 10000.0
     mlp_ratio: float = 4.0
     remat: str = "none"  # d4k_jax.nn.stack.REMAT_POLICIES; "full" / "dots" for training
+    # q/k/v (and the single blocks' proj_mlp) as one matmul per stream, same params (nn.joint_attention);
+    # off until a GPU measures it
+    fused_qkv: bool = False
 
     def __post_init__(self):
         if sum(self.axes_dims_rope) != self.attention_head_dim:
@@ -80,11 +82,13 @@ def unpack(x: jax.Array, h: int, w: int) -> jax.Array:
     return x.reshape(b, h, w, c4 // 4)
 
 
-def position_ids(h: int, w: int, text_len: int) -> np.ndarray:
-    """[T + L, 3]: txt_ids (zeros) then img_ids (0, row, col) over the packed H/2 x W/2 grid."""
-    rows, cols = np.meshgrid(np.arange(h // 2), np.arange(w // 2), indexing="ij")
-    img = np.stack([np.zeros_like(rows), rows, cols], -1).reshape(-1, 3)
-    return np.concatenate([np.zeros((text_len, 3), img.dtype), img])
+def position_ids(h: int, w: int, text_len: int) -> jax.Array:
+    """[T + L, 3] int32: txt_ids (zeros) then img_ids (0, row, col) over the packed H/2 x W/2 grid; from iota
+    under jit (computed in the program, not a constant of the program)."""
+    grid = (h // 2, w // 2)
+    rows, cols = (jax.lax.broadcasted_iota(jnp.int32, grid, axis).reshape(-1) for axis in (0, 1))
+    img = jnp.stack([jnp.zeros_like(rows), rows, cols], -1)
+    return jnp.concatenate([jnp.zeros((text_len, 3), jnp.int32), img])
 
 
 class _Block(nn.Module):
@@ -97,7 +101,8 @@ class _Block(nn.Module):
 
     def attention(self, **kw) -> JointAttention:
         cfg = self.config
-        return JointAttention(cfg.num_attention_heads, cfg.attention_head_dim, name="attn", **kw, **self.kw())
+        heads, head_dim = cfg.num_attention_heads, cfg.attention_head_dim
+        return JointAttention(heads, head_dim, fused_qkv=cfg.fused_qkv, name="attn", **kw, **self.kw())
 
     def norm(self, x: jax.Array) -> jax.Array:  # the affine-free LayerNorm of the adaLN blocks
         return LayerNorm(1e-6, use_scale=False, use_bias=False, dtype=self.dtype)(x)
@@ -138,16 +143,17 @@ class SingleBlock(_Block):
         d = self.config.dim
         shift, scale, gate = AdaLN(3, d, name="norm", **self.kw())(temb)
         h_img, h_txt = (modulate(self.norm(x), shift, scale) for x in carry)
-        attn = self.attention(out=False, shared=True)(h_img, h_txt, rope=(cos, sin))
         mlp = Dense(self.config.mlp_dim, axes=("embed", "mlp"), name="proj_mlp", **self.kw())
+        # proj_mlp's matmul joins q/k/v's under fused_qkv (BFL's linear1); its outputs come back beside them
+        attn, mlp_in = self.attention(out=False, shared=True)(h_img, h_txt, rope=(cos, sin), extra=mlp)
         # diffusers' proj_out acts on concat([attn, gelu(mlp)]): here two matmuls whose outputs add (the key
         # maps split its kernel's columns), so that a head-sharded attn and an mlp-sharded MLP each contract
         # where they are, with no [B, L, 5D] concatenation resharded between them under tensor parallelism
         proj_attn = Dense(d, axes=("heads", "embed"), use_bias=False, name="proj_out_attn", **self.kw())
         proj_mlp = Dense(d, axes=("mlp", "embed"), name="proj_out_mlp", **self.kw())
         out = [
-            x + gate * (proj_attn(a) + proj_mlp(nn.gelu(mlp(h), approximate=True)))
-            for x, a, h in zip(carry, attn, (h_img, h_txt), strict=True)
+            x + gate * (proj_attn(a) + proj_mlp(nn.gelu(m, approximate=True)))
+            for x, a, m in zip(carry, attn, mlp_in, strict=True)
         ]
         return tuple(nn.with_logical_constraint(x, token_axes(x.shape[1])) for x in out), None
 
@@ -182,7 +188,8 @@ class Flux(nn.Module):
         img = nn.with_logical_constraint(img, _TOKENS)
         txt = nn.with_logical_constraint(txt, token_axes(txt.shape[1]))
         t = txt.shape[1]
-        cos, sin = (jnp.asarray(a) for a in rope_tables(position_ids(h, w, t), cfg.axes_dims_rope, cfg.theta))
+        sizes = (1, h // 2, w // 2)  # the ids' bounds per axis: index 0, rows, columns
+        cos, sin = rope_tables(position_ids(h, w, t), cfg.axes_dims_rope, cfg.theta, sizes)
 
         block_kw = dict(config=cfg, **kw)
         double = stack(DoubleBlock, cfg.num_layers, remat=cfg.remat, num_broadcast=3)

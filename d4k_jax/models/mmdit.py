@@ -46,6 +46,8 @@ class MMDiTConfig:
     dual_attention_layers: tuple[int, ...] = ()  # SD3.5: (0, ..., 12)
     qk_norm: str | None = None  # SD3.5: "rms_norm"
     remat: str = "none"
+    # q/k/v as one matmul per stream, same params (nn.joint_attention); off until a GPU measures it
+    fused_qkv: bool = False
 
     def __post_init__(self):
         if self.qk_norm not in (None, "rms_norm"):
@@ -141,7 +143,13 @@ class JointBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = lambda x: LayerNorm(1e-6, use_scale=False, use_bias=False, dtype=self.dtype)(x)
         attention = lambda name, **a: JointAttention(
-            cfg.num_attention_heads, cfg.attention_head_dim, qk_norm=cfg.qk_norm is not None, name=name, **a, **kw
+            cfg.num_attention_heads,
+            cfg.attention_head_dim,
+            qk_norm=cfg.qk_norm is not None,
+            fused_qkv=cfg.fused_qkv,
+            name=name,
+            **a,
+            **kw,
         )
         mods = AdaLN(9 if self.dual else 6, d, name="norm1", **kw)(temb)
         shift, scale, gate, shift2, scale2, gate2 = mods[:6]

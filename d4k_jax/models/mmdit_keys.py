@@ -50,6 +50,7 @@ def config_from_diffusers(cfg: Mapping[str, Any]) -> MMDiTConfig:
         dual_attention_layers=tuple(cfg.get("dual_attention_layers") or ()),
         qk_norm=cfg.get("qk_norm"),
         remat=cfg.get("remat", "none"),
+        fused_qkv=cfg.get("fused_qkv", False),
     )
 
 
