@@ -70,10 +70,14 @@ class SampleEval:
         return np.asarray(jax.device_get(images))[: len(self.prompts)]
 
     def hook(self, num_steps: int):
-        """The trainer hook: an evaluation every `eval.every` steps and at the last step."""
+        """The trainer hook: an evaluation every `eval.every` steps and at the last step (`due`: the trainer
+        checks those steps' metrics before the hook samples from their state)."""
+
+        def due(step: int) -> bool:
+            return step == num_steps or bool(self.c.eval.every and step % self.c.eval.every == 0)
 
         def run(step: int, state: ts.TrainState, writer) -> dict | None:
-            if step != num_steps and not (self.c.eval.every and step % self.c.eval.every == 0):
+            if not due(step):
                 return None
             t0 = time.perf_counter()
             images = self(state.params)
@@ -83,6 +87,7 @@ class SampleEval:
                 plots.image_grid(images, self.workdir / "samples" / f"step_{step:06d}.png", 4, self.prompts)
             return {"eval_seconds": time.perf_counter() - t0, **self.measure(images)}
 
+        run.due = due
         return run
 
 

@@ -16,11 +16,11 @@ plus `text` [B, T, D] and `pooled` [B, P]; `prepare(batch)` turns what the itera
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from d4k_jax import flops, sharding, train_state
 from d4k_jax import train_step as ts
+from d4k_jax.lagged_metrics import LaggedMetrics, StepMetrics
 from d4k_jax.metric_writers import MetricWriter
 
 
@@ -45,7 +46,9 @@ class NonFiniteLoss(ValueError):
     was given (data, learning rate) made it, and the CLIs report it as one `error:` line."""
 
 
-Hook = Callable[[int, ts.TrainState, MetricWriter], dict | None]  # (step, state, writer) -> metrics to log
+# (step, state, writer) -> metrics to log, at every step. A hook may have `due(step) -> bool` (it uses that step's
+# state: the loop checks the step first); one without is due at every step (no overlap: d4k_jax/lagged_metrics.py)
+Hook = Callable[[int, ts.TrainState, MetricWriter], dict | None]
 
 
 class Trainer:
@@ -98,6 +101,7 @@ class Trainer:
         replicated = train_state.replicated(mesh)
         self.vae, self.vae_params = vae_module, None if vae_params is None else jax.device_put(vae_params, replicated)
 
+    # One loop, so that the order of dispatch, metrics read, hooks, preemption, save and next batch reads in one place.
     def fit(
         self,
         batches: Iterator[dict],
@@ -118,7 +122,8 @@ class Trainer:
         checkpoint and returns early. `metadata` (e.g. the run's config) is stored with the checkpoints
         (`CheckpointManager.metadata()`). Rows that a crash logged past the restored step are dropped from
         metrics.jsonl (see metric_writers). `progress` shows a bar on process 0's stderr: step (from the
-        resumed one), loss, images/s, time left.
+        resumed one), loss, images/s, time left. Step N's metrics are read after step N + 1 is dispatched
+        (d4k_jax/lagged_metrics.py: its `seconds` are the rows' step_time), except at a checkpoint or a due hook.
         """
         workdir = Path(workdir).absolute()
         workdir.mkdir(parents=True, exist_ok=True)
@@ -133,28 +138,34 @@ class Trainer:
                 MetricWriter(workdir, resume_step=start) as writer,
                 _progress_bar(start, num_steps, progress) as bar,
                 jax.set_mesh(self.mesh),
+                LaggedMetrics(
+                    functools.partial(self._check_finite, manager),
+                    functools.partial(self._log, writer, bar, logged, log_every, num_steps),
+                ) as lagged,
             ):
+                batch, size = self._next_batch(batches, prepare) if start < num_steps else (None, 0)
                 for step in range(start + 1, num_steps + 1):  # the number of the step being taken
-                    t0 = time.perf_counter()
-                    batch, size = self._next_batch(batches, prepare)
                     # records read: None after a checkpoint that did not record them (see _restore_data)
                     self._records = (start * size if self._records is None else self._records) + size
                     self.state, metrics = self._step(self.state, batch, self.key, self.vae_params)
-                    metrics = jax.device_get(metrics)
-                    if not metrics["finite"]:
-                        self._non_finite(step, metrics, manager.latest_step())
-                    seconds = time.perf_counter() - t0
-                    extra = _run_hooks(hooks, step, self.state, writer)
-                    if step % log_every == 0 or step == num_steps or extra:
-                        row = {**self._row(step, metrics, seconds, size, batch), **extra}
-                        logged.append(_write_row(row, writer, bar))
+                    flops = self.model_flops(batch) if self.peak_flops else 0.0
+                    lagged.add(step, metrics, size=size, flops=flops)  # reads step - 1's while this one runs
+                    if _due(hooks, step):
+                        lagged.read_pending()  # checked before a hook uses this state
+                    with lagged.paused():
+                        lagged.pending.context["extra"] = _run_hooks(hooks, step, self.state, writer)
                     bar.update()
                     stop = preempted(step)  # asked by every process at every step
-                    items = _checkpoint_items(self.state, data, self._records, size)
-                    manager.save(step, args=items, force=stop or step == num_steps)
+                    if stop or step == num_steps or manager.should_save(step):
+                        lagged.take()  # checked before a checkpoint holds this state
+                        with lagged.paused():
+                            items = _checkpoint_items(self.state, data, self._records, size)
+                            manager.save(step, args=items, force=True)
                     if stop:
                         logging.warning("SIGTERM: saved the checkpoint of step %d; rerun to resume", step)
                         break
+                    if step < num_steps:  # fetched after the save: checkpoint `step` holds the data after batch `step`
+                        batch, size = self._next_batch(batches, prepare)
             manager.wait_until_finished()
         return logged
 
@@ -168,8 +179,12 @@ class Trainer:
             raise ValueError(f"global batch {size} must divide over {ways} data x fsdp devices")
         return _global_batch(batch, self.data_sharding), size
 
-    def _non_finite(self, step: int, metrics: dict, kept: int | None) -> None:
-        """nan_policy 'stop': raise NonFiniteLoss with the step, the values and what to do; 'skip': warn."""
+    def _check_finite(self, manager: ocp.CheckpointManager, step: int, metrics: dict) -> None:
+        """A step that is not finite: nan_policy 'stop' raises NonFiniteLoss with the step, the values, the
+        checkpoint kept and what to do; 'skip' warns."""
+        if metrics["finite"]:
+            return
+        kept = manager.latest_step()
         what = f"step {step}: the loss is {metrics['loss']} and the gradient norm {metrics['grad_norm']} (not finite)"
         if self.nan_policy == "skip":
             logging.warning("%s: step skipped (nan_policy='skip'), parameters and optimizer state unchanged", what)
@@ -184,7 +199,15 @@ class Trainer:
             "learning rate, or set nan_policy='skip' (--config.train.nan_policy=skip) to skip such steps"
         )
 
-    def _row(self, step: int, metrics: dict, seconds: float, size: int, batch: dict) -> dict:
+    def _log(self, writer: MetricWriter, bar: tqdm, logged: list, every: int, last: int, s: StepMetrics) -> None:
+        """Write step `s`'s row (and add it to `logged`) every `every` steps, at the `last` step, and when a
+        hook added metrics."""
+        extra = s.context.get("extra", {})  # none when a hook raised
+        if s.step % every == 0 or s.step == last or extra:
+            row = self._row(s.step, s.metrics, s.seconds, s.context["size"], s.context["flops"])
+            logged.append(_write_row({**row, **extra}, writer, bar))
+
+    def _row(self, step: int, metrics: dict, seconds: float, size: int, flops: float) -> dict:
         row = {
             "step": step,
             "loss": float(metrics["loss"]),
@@ -197,7 +220,7 @@ class Trainer:
         if self.lr_schedule is not None:
             row["lr"] = float(self.lr_schedule(step - 1))
         if self.peak_flops:
-            row["mfu"] = self.model_flops(batch) / (seconds * self.peak_flops * self.mesh.devices.size)
+            row["mfu"] = flops / (seconds * self.peak_flops * self.mesh.devices.size)
         return row
 
     def model_flops(self, batch: dict) -> float:
@@ -282,6 +305,11 @@ def _restore_data(manager: ocp.CheckpointManager, step: int, batches: Any) -> in
         *(jax.process_count(), size, *saved, records, step, done),
     )
     return done
+
+
+def _due(hooks: Sequence[Hook], step: int) -> bool:
+    """Whether any hook uses the state of `step` (see Hook)."""
+    return any(getattr(hook, "due", lambda _: True)(step) for hook in hooks)
 
 
 def _run_hooks(hooks: Sequence[Hook], step: int, state: ts.TrainState, writer: MetricWriter) -> dict:

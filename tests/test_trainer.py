@@ -1,6 +1,7 @@
 """The training loop: resume gives the uninterrupted run's losses (each step once in metrics.jsonl after a
-crash), the progress bar, overfitting works, NaN policy."""
+crash), the progress bar, overfitting works, NaN policy, metrics read one step late."""
 
+import itertools
 import json
 
 import jax
@@ -11,8 +12,9 @@ from array_batches import ArrayBatches
 from helpers import save_component, sequence_degrees
 from torch_flux import make_flux
 
-from d4k_jax import sharding
+from d4k_jax import lagged_metrics, sharding
 from d4k_jax import train_step as ts
+from d4k_jax import trainer as trainer_module
 from d4k_jax.io import load_component
 from d4k_jax.io.components import kind_of_module
 from d4k_jax.metric_writers import drop_rows_after
@@ -43,6 +45,20 @@ def _trainer(flux, lr=1e-3, devices=8, **kw):
     return Trainer(module, params, ts.optimizer(lr=lr), ts.LossConfig(), mesh, init_inputs=inputs, **kw)
 
 
+@pytest.fixture(scope="module")
+def fresh_trainer(flux):
+    """A trainer on 2 devices back at its initial state: one for the tests that would each build one (tracing and
+    compiling its step costs about 8 s of CPU; a fit of a few steps, under 2 s)."""
+    trainer = _trainer(flux, devices=2)
+    initial = jax.tree.map(jnp.copy, trainer.state)
+
+    def fresh():
+        trainer.state = jax.tree.map(jnp.copy, initial)  # the step donates its state
+        return trainer
+
+    return fresh
+
+
 class _Killed(Exception):
     pass
 
@@ -58,6 +74,20 @@ class _DiesAt(ArrayBatches):
         if self.i == self.at:
             raise _Killed
         return super().__next__()
+
+
+class _NanAt(ArrayBatches):
+    """Batch `at` (counted from 1) holds a NaN."""
+
+    def __init__(self, data, batch_size, at):
+        super().__init__(data, batch_size)
+        self.at = at
+
+    def __next__(self):
+        batch = super().__next__()
+        if self.i == self.at:
+            batch["x0"][:, 0, 0, 0] = np.nan  # a copy: ArrayBatches indexes with an array
+        return batch
 
 
 def test_resume_gives_the_uninterrupted_losses(flux, tmp_path, capsys):
@@ -146,3 +176,62 @@ def test_non_finite_loss_policy(flux, tmp_path, policy):
     rows = trainer.fit(ArrayBatches(data, 4), tmp_path, 2)
     assert [r["skipped"] for r in rows] == [True, True] and int(trainer.state.step) == 2
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(trainer.state.params), before)
+
+
+def test_metrics_are_read_one_step_late(fresh_trainer, tmp_path, monkeypatch):
+    """Step N + 1 is dispatched before step N's metrics are read, except where something uses step N's state:
+    a checkpoint (steps 1, 4, 6: the first, every 4th, the last) or a hook due there (step 2; hooks not due
+    are called at every step, before a checkpoint, as before). Batch N + 1 is fetched after step N is
+    dispatched and saved (a checkpoint holds the data state after batch N); hooks see each step with its
+    state. The rows are those of the same steps taken one at a time."""
+    data, trainer = _data(n=4), fresh_trainer()
+    step_fn, state = trainer._step, jax.tree.map(jnp.copy, trainer.state)  # the step donates its state
+    batches, want = ArrayBatches(data, 2), []
+    with jax.set_mesh(trainer.mesh):
+        for _ in range(6):
+            state, metrics = step_fn(state, trainer._next_batch(batches, None)[0], trainer.key, trainer.vae_params)
+            want.append(float(jax.device_get(metrics)["loss"]))
+
+    events, calls = [], itertools.count(1)
+
+    def step(*args):
+        events.append(f"step {(n := next(calls))}")
+        state, metrics = step_fn(*args)
+        return state, {**metrics, "n": n}
+
+    class Batches(ArrayBatches):
+        def __next__(self):
+            events.append(f"batch {self.i + 1}")
+            return super().__next__()
+
+    def hook(step, state, writer):
+        events.append(f"hook {step} {int(state.step)}")
+
+    hook.due = lambda step: step == 2
+    items = trainer_module._checkpoint_items
+    monkeypatch.setattr(trainer, "_step", step)
+    monkeypatch.setattr(lagged_metrics, "device_get", lambda m: events.append(f"read {m['n']}") or jax.device_get(m))
+    monkeypatch.setattr(trainer_module, "_checkpoint_items", lambda *a: events.append(f"save {a[1].i}") or items(*a))
+    rows = trainer.fit(Batches(data, 2), tmp_path, 6, checkpoint_every=4, hooks=[hook], progress=False)
+    assert events == [
+        *("batch 1", "step 1", "hook 1 1", "read 1", "save 1", "batch 2"),
+        *("step 2", "read 2", "hook 2 2", "batch 3"),
+        *("step 3", "hook 3 3", "batch 4"),
+        *("step 4", "read 3", "hook 4 4", "read 4", "save 4", "batch 5"),
+        *("step 5", "hook 5 5", "batch 6"),
+        *("step 6", "read 5", "hook 6 6", "read 6", "save 6"),
+    ]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and all(r["step_time"] > 0 for r in rows)
+    assert [r["loss"] for r in rows] == want
+
+
+@pytest.mark.parametrize("at", [3, 4])
+def test_a_non_finite_step_stops_at_its_step_and_keeps_the_last_good_checkpoint(fresh_trainer, tmp_path, at):
+    """nan_policy 'stop', checkpoints every 2 steps: step 3's metrics are read one step late (after step 4 is
+    dispatched), step 4's at once (before its checkpoint). Either way the error names the step, no checkpoint
+    is written past step 2, and metrics.jsonl holds the steps before it."""
+    with pytest.raises(NonFiniteLoss, match=rf"step {at}: the loss is nan .*the checkpoint of step 2 is kept"):
+        fresh_trainer().fit(_NanAt(_data(n=4), 2, at), tmp_path, 6, checkpoint_every=2, progress=False)
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [1, 2]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == list(range(1, at))
