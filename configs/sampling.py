@@ -2,7 +2,7 @@
 
 import ml_collections
 
-from d4k_jax import distributed
+from d4k_jax import cli, distributed
 
 
 def sampling_config(model: str, steps: int, max_sequence_length: int, arg: str | None) -> ml_collections.ConfigDict:
@@ -23,6 +23,9 @@ def sampling_config(model: str, steps: int, max_sequence_length: int, arg: str |
     # several processes (hosts): coordinator_address HOST:PORT, num_processes, process_id, or auto=True where JAX
     # detects the cluster (SLURM, Open MPI, Kubernetes, Cloud TPU); see d4k_jax/distributed.py
     c.distributed = ml_collections.ConfigDict(distributed.DEFAULTS)
+    # compiled programs kept here between runs (JAX's persistent compilation cache; "" turns it off): JAX's
+    # JAX_COMPILATION_CACHE_DIR when set, else ~/.cache/d4k_jax/jax_cache (d4k_jax/cli.py)
+    c.compilation_cache = cli.default_compilation_cache()
     c.sample = ml_collections.ConfigDict(
         dict(
             height=4096,

@@ -9,6 +9,10 @@
 - An unknown `--config.a.b=...` field is named with the fields that exist at that level, instead of the
   AttributeError ml_collections raises while the flags are parsed.
 - The project's GPU XLA options (d4k_jax/xla_flags.py) join XLA_FLAGS before JAX starts a backend.
+
+`use_compilation_cache(config.compilation_cache)`, first thing in a CLI's main: compiled programs are kept
+on disk (JAX's persistent compilation cache), so a rerun, a resumed run or sampling after training reads
+them back instead of compiling again.
 """
 
 from __future__ import annotations
@@ -108,6 +112,32 @@ def _load_config(argv: Sequence[str], config_flag: str):
 def _fail(text: str) -> None:
     print(f"error: {text}", file=sys.stderr, flush=True)
     sys.exit(EXIT_USER_ERROR)
+
+
+def default_compilation_cache() -> str:
+    """The configs' default `compilation_cache`: JAX's own JAX_COMPILATION_CACHE_DIR when it is set (so that
+    setting it keeps working, as the tests do), else $XDG_CACHE_HOME/d4k_jax/jax_cache (~/.cache by default):
+    one cache per user, shared by every run and both CLIs, as pip's or torch's."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return os.environ["JAX_COMPILATION_CACHE_DIR"]
+    return str(Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "d4k_jax" / "jax_cache")
+
+
+def use_compilation_cache(path: str) -> None:
+    """Keep compiled programs in `path` (`~` expanded) from now on; empty: no persistent cache at all. Call it
+    before anything compiles: JAX opens its cache at the first compile and never again.
+
+    Only programs that took at least JAX's jax_persistent_cache_min_compile_time_secs (1 s; the environment
+    variable JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS sets it) are written, so the many tiny programs do not
+    fill the folder. On GPU, XLA's per-fusion autotuning results go there too (JAX's default
+    jax_persistent_cache_enable_xla_caches). Entries are keyed by the program, the devices, the jax/jaxlib
+    version and the XLA flags: a change in any of them compiles again, it never reads a wrong program."""
+    import jax
+
+    if not path:
+        jax.config.update("jax_enable_compilation_cache", False)
+        return
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
 
 
 def run(main: Callable[[list[str]], object], config_flag: str | None = "config") -> None:

@@ -372,6 +372,8 @@ def main(argv):
     del argv
     if _CONFIG.value is None:
         raise app.UsageError("--config is required (configs/flux_wlf.py or configs/sd3_wlf.py)")
+    cache = _CONFIG.value.get("compilation_cache", cli.default_compilation_cache())
+    cli.use_compilation_cache(cache)  # before anything compiles
     distributed.initialize(_CONFIG.value.get("distributed"))  # before anything touches a device
     # JAX's multi-process runtime catches SIGTERM (a preemption notice, for training to save a step). Sampling
     # has nothing to save (an image counts once its line is written): SIGTERM ends it at once, as one process.

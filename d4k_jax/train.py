@@ -161,6 +161,7 @@ def _axes(axes):
 def main(argv) -> None:
     del argv
     c = _CONFIG.value
+    cli.use_compilation_cache(c.get("compilation_cache", cli.default_compilation_cache()))  # before anything compiles
     distributed.initialize(c.get("distributed"))  # before anything touches a device
     rows = run(c, _WORKDIR.value)
     if rows:

@@ -65,6 +65,7 @@ RESUMABLE = {
     "shard_params": "sampling's parameter layout",
     "fused_qkv": "q/k/v computed as one matmul from the same weights: the same step",
     "distributed": "multi-process start-up",
+    "compilation_cache": "where compiled programs are kept",
 }
 # Not in RESUMABLE, deliberately: data.worker_count (grain's stream, and its saved state, depend on it),
 # data.folder / data_dir (what is trained on), dtype / param_dtype, seed (each step's noise and the data
