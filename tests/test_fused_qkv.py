@@ -14,36 +14,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import LAYER_TOL, rel_err
+from tiny_configs import tiny_flux, tiny_sd35
 
 from d4k_jax import sharding
-from d4k_jax.models.flux import DoubleBlock, FluxConfig, SingleBlock
-from d4k_jax.models.mmdit import JointBlock, MMDiTConfig
+from d4k_jax.models.flux import DoubleBlock, SingleBlock
+from d4k_jax.models.mmdit import JointBlock
 from d4k_jax.nn.joint_attention import fused_dense, fused_kernel
 
 # 4 heads of 8, so that tensor=2 splits them; SD3.5-shaped (qk-norm, a dual-attention block)
-FLUX = FluxConfig(
-    in_channels=16,
-    num_layers=1,
-    num_single_layers=1,
-    attention_head_dim=8,
-    num_attention_heads=4,
-    joint_attention_dim=24,
-    pooled_projection_dim=12,
-    axes_dims_rope=(2, 2, 4),
-)
-SD3 = MMDiTConfig(
-    sample_size=8,
-    in_channels=4,
-    num_layers=2,
-    attention_head_dim=8,
-    num_attention_heads=4,
-    joint_attention_dim=20,
-    caption_projection_dim=32,
-    pooled_projection_dim=12,
-    pos_embed_max_size=8,
-    dual_attention_layers=(0,),
-    qk_norm="rms_norm",
-)
+FLUX, SD3 = tiny_flux(heads=4), tiny_sd35(heads=4)
 IMAGE, TEXT = 16, 5
 
 

@@ -17,38 +17,20 @@ from conftest import LAYER_TOL, rel_err
 # jax.ad_checkpoint exports only print_saved_residuals, which prints this list
 from jax._src.ad_checkpoint import saved_residuals
 from jax._src.cudnn import fused_attention_stablehlo as jax_cudnn
+from tiny_configs import tiny_flux, tiny_sd3
 
 from d4k_jax import sharding
-from d4k_jax.models.flux import Flux, FluxConfig
-from d4k_jax.models.mmdit import JointBlock, MMDiT, MMDiTConfig
+from d4k_jax.models.flux import Flux
+from d4k_jax.models.mmdit import JointBlock, MMDiT
 from d4k_jax.nn import attention, mgpu_attention
 
 remat = importlib.import_module("d4k_jax.nn.stack")  # d4k_jax.nn exports a function `stack` of the same name
 
 B, L, N, K = 2, 40, 2, 16  # the single-attention cases
 # SD3-shaped: a scan of two blocks and the separate last block; 2x2 patches of 4x8 latents = 8 image tokens, 8 text
-SD3 = MMDiTConfig(
-    sample_size=8,
-    in_channels=4,
-    num_layers=3,
-    attention_head_dim=8,
-    num_attention_heads=4,
-    joint_attention_dim=20,
-    caption_projection_dim=32,
-    pooled_projection_dim=12,
-    pos_embed_max_size=8,
-)
+SD3 = tiny_sd3(heads=4, num_layers=3)
 # Flux of the same attention shapes: one double-stream and one single-stream block; 2x2-packed latents
-FLUX = FluxConfig(
-    in_channels=16,
-    num_layers=1,
-    num_single_layers=1,
-    attention_head_dim=8,
-    num_attention_heads=4,
-    joint_attention_dim=20,
-    pooled_projection_dim=12,
-    axes_dims_rope=(2, 2, 4),
-)
+FLUX = tiny_flux(heads=4, text_dim=20)
 TOKENS = 8 + 8
 HEADS, HEAD_DIM, WIDTH = SD3.num_attention_heads, SD3.attention_head_dim, SD3.dim
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 from diffusers import FluxPipeline
 from diffusers.models.transformers.transformer_flux import FluxPosEmbed
+from tiny_configs import tiny_flux
 
-from d4k_jax.models.flux import Flux, FluxConfig, position_ids
+from d4k_jax.models.flux import Flux, position_ids
 from d4k_jax.nn.rope import rope_tables
 
 BYTES = {"f32": 4, "s32": 4, "u32": 4, "bf16": 2, "pred": 1, "s8": 1, "u8": 1}
@@ -45,16 +46,7 @@ def _constant_bytes(hlo: str) -> list[int]:
 def test_the_flux_program_holds_no_table_sized_constant():
     """The tables [T + L, K] x 2 were constants of the program (17 MB for FLUX.1 at 4096²); now only the
     per-axis tables are, and XLA does not fold the lookups back into one."""
-    cfg = FluxConfig(
-        in_channels=16,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=24,
-        pooled_projection_dim=12,
-        axes_dims_rope=(2, 2, 4),
-    )
+    cfg = tiny_flux(heads=2)
     module, (h, w, t) = Flux(cfg), (64, 64, 8)
     args = (jnp.zeros((1, h, w, 4)), jnp.zeros(1), jnp.zeros((1, t, 24)), jnp.zeros((1, 12)), jnp.zeros(1))
     variables = jax.eval_shape(module.init, jax.random.key(0), *args)

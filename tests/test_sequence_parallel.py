@@ -13,37 +13,16 @@ import numpy as np
 import pytest
 from conftest import LAYER_TOL, rel_err
 from helpers import sequence_degrees
+from tiny_configs import tiny_flux, tiny_sd35
 
 from d4k_jax import flops, sharding
 from d4k_jax.diffusion import flow, wavelet
-from d4k_jax.models.flux import DoubleBlock, Flux, FluxConfig
-from d4k_jax.models.mmdit import MMDiT, MMDiTConfig
+from d4k_jax.models.flux import DoubleBlock, Flux
+from d4k_jax.models.mmdit import MMDiT
 
 # 8 heads each, so that every degree up to 8 divides them; 4x8 latents: 8 image tokens after Flux's 2x2 packing
 # and SD3's 2x2 patches. SD3 here is SD3.5-shaped: a dual-attention block and the last block, with qk-norm.
-FLUX = FluxConfig(
-    in_channels=16,
-    num_layers=1,
-    num_single_layers=1,
-    attention_head_dim=8,
-    num_attention_heads=8,
-    joint_attention_dim=24,
-    pooled_projection_dim=12,
-    axes_dims_rope=(2, 2, 4),
-)
-SD3 = MMDiTConfig(
-    sample_size=8,
-    in_channels=4,
-    num_layers=2,
-    attention_head_dim=4,
-    num_attention_heads=8,
-    joint_attention_dim=20,
-    caption_projection_dim=32,
-    pooled_projection_dim=12,
-    pos_embed_max_size=8,
-    dual_attention_layers=(0,),
-    qk_norm="rms_norm",
-)
+FLUX, SD3 = tiny_flux(heads=8), tiny_sd35(heads=8, head_dim=4)
 MESHES = {
     "sequence 2": {"sequence": 2},
     "sequence 4": {"sequence": 4},

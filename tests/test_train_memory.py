@@ -13,10 +13,11 @@ import numpy as np
 import optax
 import pytest
 from jax.sharding import Mesh
+from tiny_configs import tiny_flux
 
 from d4k_jax import sharding, train_state
 from d4k_jax import train_step as ts
-from d4k_jax.models.flux import Flux, FluxConfig
+from d4k_jax.models.flux import Flux
 from d4k_jax.models.vae import AutoencoderKL, VAEConfig
 from d4k_jax.sharding import MESH_AXES, make_mesh
 from tools.bench import _per_device_bytes, train_step_lowered
@@ -24,18 +25,7 @@ from tools.collectives import collectives
 
 
 def _flux() -> Flux:
-    cfg = FluxConfig(
-        in_channels=16,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=24,
-        pooled_projection_dim=12,
-        axes_dims_rope=(2, 2, 4),
-        remat="full",
-    )
-    return Flux(cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    return Flux(tiny_flux(heads=2, remat="full"), dtype=jnp.bfloat16, param_dtype=jnp.float32)
 
 
 _SMALL = (jnp.zeros((1, 2, 2, 4)), jnp.zeros(1), jnp.zeros((1, 5, 24)), jnp.zeros((1, 12)), jnp.zeros(1))
