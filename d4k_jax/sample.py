@@ -186,7 +186,8 @@ def check_outdir(out: Path, wanted: dict) -> bool:
         stored = json.loads(stored_file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{stored_file} is not valid JSON ({e}); remove it or pass another --outdir") from e
-    changed = [f"{k} {stored.get(k)!r} -> {v!r}" for k, v in wanted.items() if stored.get(k) != v]
+    keys = {**stored, **wanted}  # a setting dropped (lora) is a change too
+    changed = [f"{k} {stored.get(k)!r} -> {wanted.get(k)!r}" for k in keys if stored.get(k) != wanted.get(k)]
     if changed:
         raise FileExistsError(
             f"--outdir={out} holds images made with other settings ({stored_file}): {'; '.join(changed)}; "

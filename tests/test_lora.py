@@ -2,6 +2,9 @@
 torch model), a diffusers-saved file and a kohya file of the same weights (fused BFL q/k/v) loading to the same
 velocity, scale 0 and several files, sharded and bf16 params, and the errors that list what does not match."""
 
+import json
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -146,6 +149,46 @@ def test_scale_zero_is_the_base_and_files_add(flux, tmp_path):
         np.testing.assert_allclose(halves[path], value, rtol=1e-5, atol=1e-6, err_msg="/".join(path))
         np.testing.assert_allclose(by_alpha_keys[path], value, rtol=1e-6, atol=1e-7, err_msg="/".join(path))
     assert changed >= 10  # every targeted kernel (stacked over layers) moved
+
+
+def test_other_key_layouts_load_alike(flux, tmp_path):
+    """peft's own names (no `transformer.`), the older `.lora.down` / `.lora.up`, `lora_transformer_` with
+    underscores and alpha tensors, and ComfyUI's dotted BFL names: the same params as the diffusers file."""
+    module, base, _, _, diffusers_file, kohya_file = flux
+    want = _flat(merge_lora(module, base, [(diffusers_file, 1.0)]))
+    state, kohya = _read(diffusers_file), _read(kohya_file)
+    strip = lambda k: k.removeprefix("transformer.")
+    modules = [k.removesuffix(".lora_A.weight") for k in state if k.endswith(".lora_A.weight")]
+    alphas = {f"{m}.alpha": np.array(_scale(m) * RANK, np.float32) for m in modules}
+    old = {k.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up."): v for k, v in state.items()}
+    layouts = {
+        "peft": {strip(k): v for k, v in state.items()},  # with its LoraConfig unprefixed (save_lora_adapter)
+        "old": old | alphas,
+        "comfy": {_dotted_bfl(k): v for k, v in kohya.items()},
+    }
+    mixture = {}
+    for k, v in state.items():
+        module_name, _, tensor = strip(k).rpartition(".lora_")
+        name = "lora_transformer_" + module_name.replace(".", "_")
+        mixture[f"{name}.lora_{'down' if tensor.startswith('A') else 'up'}.weight"] = v
+        mixture[f"{name}.alpha"] = np.array(_scale(module_name) * RANK, np.float32)
+    layouts["mixture"] = mixture
+    for name, tensors in layouts.items():
+        config = {"r": RANK, "lora_alpha": ALPHA, "alpha_pattern": PATTERN} if name == "peft" else None
+        metadata = {"lora_adapter_metadata": json.dumps(config)} if config else None
+        save_file(tensors, tmp_path / f"{name}.safetensors", metadata)
+        got = _flat(merge_lora(module, base, [(tmp_path / f"{name}.safetensors", 1.0)]))
+        for path, value in want.items():
+            np.testing.assert_allclose(got[path], value, rtol=1e-6, atol=1e-7, err_msg=f"{name}: {'/'.join(path)}")
+
+
+def _dotted_bfl(key):
+    """kohya's `lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight` as ComfyUI names it (BFL, with dots)."""
+    name, _, tensor = key.partition(".")
+    name = re.sub(r"^lora_unet_(double_blocks|single_blocks)_(\d+)_", r"\1.\2.", name)
+    for old, new in (("_attn_", "_attn."), ("_mlp_", "_mlp."), ("final_layer_", "final_layer."), ("ion_1", "ion.1")):
+        name = name.replace(old, new)
+    return f"diffusion_model.{name.removeprefix('lora_unet_')}.{tensor}"
 
 
 def _read(path):

@@ -260,3 +260,6 @@ def test_lora_option_is_checked_first_then_merged(pipes, sampled, tmp_path, monk
     merged, plain = _images(tmp_path / "out")["00000_00.png"], _images(sampled)["00000_00.png"]
     assert np.abs(merged.astype(int) - plain.astype(int)).mean() > 1
     assert json.loads((tmp_path / "out" / "settings.json").read_text())["lora"] == [[str(good.resolve()), 0.8]]
+    c.lora = ""
+    with pytest.raises(FileExistsError, match=r"lora \[\[.*good\.safetensors', 0\.8\]\] -> None"):
+        sample.run(c, tmp_path / "one.txt", tmp_path / "out")  # a LoRA dropped is a change too
