@@ -110,6 +110,11 @@ def _kohya(state, cfg):
     return out
 
 
+def _change(base, adapted):
+    """How much the adapter moves the velocity (not a parity error: conftest's report lists only those)."""
+    return float(np.abs(base - adapted).max() / np.abs(adapted).max())
+
+
 _APPLY = {}  # one compiled forward per module
 
 
@@ -120,7 +125,7 @@ def _velocity(module, params, args):
 
 def test_flux_diffusers_and_kohya_files_match_peft(flux):
     module, base, want, args, diffusers_file, kohya_file = flux
-    assert rel_err(_velocity(module, base, args), want) > 0.05  # the adapter changes the velocity
+    assert _change(_velocity(module, base, args), want) > 0.05  # the adapter changes the velocity
     for path in (diffusers_file, kohya_file):
         got = _velocity(module, merge_lora(module, base, [(path, 1.0)]), args)
         assert rel_err(got, want) < MODEL_TOL, path.name
@@ -235,7 +240,7 @@ def test_sd3_diffusers_file_matches_peft(tmp_path):
     want = sd3_forward(model, latents, t, text, pooled)
     merged = merge_lora(module, base, [(tmp_path / "lora" / "pytorch_lora_weights.safetensors", 1.0)])
     args = (latents, t, text, pooled)
-    assert rel_err(_velocity(module, base, args), want) > 0.05
+    assert _change(_velocity(module, base, args), want) > 0.05
     assert rel_err(_velocity(module, merged, args), want) < MODEL_TOL
 
 

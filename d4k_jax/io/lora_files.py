@@ -13,7 +13,8 @@ Key layouts read (one file may mix them; every key must be understood, or one er
 alpha, per module: its `<module>.alpha` tensor; else diffusers' `lora_adapter_metadata` (the peft LoraConfig as JSON
 in the safetensors metadata: `lora_alpha`, `alpha_pattern`, `use_rslora`; keys under `transformer.` when a pipeline
 saved it); else alpha = r (peft's and kohya's default: scale 1). The weight delta is (alpha / r) B @ A, or
-(alpha / sqrt(r)) B @ A with use_rslora.
+(alpha / sqrt(r)) B @ A with use_rslora. Every kohya module is scaled by its alpha, as sd-scripts trains it; diffusers
+0.42.1 drops the alpha of kohya's final_layer modules (a TODO in its converter), so there the two differ.
 
 Refused, by name: text-encoder LoRAs (`text_encoder.`, `lora_te*_`; only the transformer's are read), DoRA
 (`dora_scale`, `lora_magnitude_vector`, use_dora), LoRA biases (`lora_B.bias`), LoKr / LoHa and full-weight diffs
