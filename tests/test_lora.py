@@ -279,3 +279,48 @@ def test_every_mismatch_is_listed(flux, tmp_path):
     save_file(kohya, tmp_path / "k.safetensors")
     with pytest.raises(ConversionError, match="kohya-format SD3 LoRAs are not supported"):
         merge_lora(sd3_module, sd3_params, [(tmp_path / "k.safetensors", 1.0)])
+
+
+def test_kohya_at_flux_dev_size_matches_diffusers_converter(tmp_path):
+    """Every FLUX.1-dev kohya layout at its real sizes (rank 2-4, names and shapes only: no weights), read directly
+    and after diffusers' own kohya -> diffusers converter: the same delta on a random vector, for every kernel."""
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+
+    from d4k_jax.io import lora
+    from d4k_jax.io.components import _flux_inputs
+    from d4k_jax.io.lora_files import read_lora_file
+    from d4k_jax.models.flux import Flux, FluxConfig
+    from d4k_jax.models.keymap import param_shapes
+
+    module = Flux(FluxConfig())
+    shapes = param_shapes(module, _flux_inputs(module.config))
+    rng, d, f, kohya = np.random.default_rng(0), 3072, 12288, {}
+    layouts = {"img_in": (d, 64), "txt_in": (d, 4096), "time_in_in_layer": (d, 256), "vector_in_out_layer": (d, d)}
+    layouts["guidance_in_in_layer"] = (d, 256)
+    for i in (0, 18):
+        for s in ("img", "txt"):
+            layouts |= {f"double_blocks_{i}_{s}_attn_qkv": (3 * d, d), f"double_blocks_{i}_{s}_attn_proj": (d, d)}
+            layouts |= {f"double_blocks_{i}_{s}_mlp_0": (f, d), f"double_blocks_{i}_{s}_mlp_2": (d, f)}
+            layouts[f"double_blocks_{i}_{s}_mod_lin"] = (6 * d, d)
+    for i in (0, 37):
+        layouts |= {f"single_blocks_{i}_linear1": (3 * d + f, d), f"single_blocks_{i}_linear2": (d, d + f)}
+        layouts[f"single_blocks_{i}_modulation_lin"] = (3 * d, d)
+    for n, (name, (out, n_in)) in enumerate(layouts.items()):
+        r = 2 + n % 3
+        kohya[f"lora_unet_{name}.lora_down.weight"] = rng.normal(size=(r, n_in)).astype(np.float32)
+        kohya[f"lora_unet_{name}.lora_up.weight"] = rng.normal(size=(out, r)).astype(np.float32)
+        kohya[f"lora_unet_{name}.alpha"] = np.array(1.0 + n % 4, np.float32)
+    converted = _convert_kohya_flux_lora_to_diffusers({k: torch.from_numpy(v) for k, v in kohya.items()})
+    save_file(kohya, tmp_path / "kohya.safetensors")
+    save_file({k: v.numpy() for k, v in converted.items()}, tmp_path / "diffusers.safetensors")
+    got = {}
+    for name in ("kohya", "diffusers"):
+        file = read_lora_file(tmp_path / f"{name}.safetensors")
+        got[name] = lora.factors([(file, 1.0, lora.plan(file, module, shapes))], shapes)
+    assert got["kohya"].keys() == got["diffusers"].keys() and len(got["kohya"]) == 26
+    for path, (down, up) in got["kohya"].items():
+        x = rng.normal(size=shapes[path][-1]).astype(np.float32)
+        ours = np.einsum("...ir,...r->...i", down, np.einsum("...ro,o->...r", up, x))
+        d_down, d_up = got["diffusers"][path]
+        ref = np.einsum("...ir,...r->...i", d_down, np.einsum("...ro,o->...r", d_up, x))
+        assert np.abs(ours - ref).max() <= 1e-5 * np.abs(ref).max(), path
