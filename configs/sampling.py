@@ -20,6 +20,9 @@ def sampling_config(model: str, steps: int, max_sequence_length: int, arg: str |
     # True: the transformer computes q/k/v (Flux single blocks: and proj_mlp) as one matmul per stream, from the
     # same weights (FluxConfig / MMDiTConfig.fused_qkv); sampling and training, eval samples included
     c.fused_qkv = False
+    # LoRA files merged into the transformer before sampling: "PATH[:SCALE][,PATH[:SCALE]...]" (scale 1.0 where none
+    # is given), diffusers / peft or kohya safetensors (d4k_jax/io/lora.py); "" for none
+    c.lora = ""
     # several processes (hosts): coordinator_address HOST:PORT, num_processes, process_id, or auto=True where JAX
     # detects the cluster (SLURM, Open MPI, Kubernetes, Cloud TPU); see d4k_jax/distributed.py
     c.distributed = ml_collections.ConfigDict(distributed.DEFAULTS)

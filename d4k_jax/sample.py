@@ -46,6 +46,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from d4k_jax import cli, distributed, files, sharding
+from d4k_jax.io import lora
 from d4k_jax.pipelines import PIPELINES, base, pipeline_class
 
 SETTINGS = "settings.json"
@@ -126,6 +127,7 @@ def validate(c: ml_collections.ConfigDict, prompts_file: str | Path) -> tuple[li
             problems += size_problems(c.sample.height, c.sample.width, factor, largest)
         except (ValueError, FileNotFoundError) as e:
             problems.append(str(e))
+        problems += lora.spec_problems(c.get("lora"), Path(c.pipeline) / "transformer")
     available = jax.devices()
     n = c.get("num_devices", 0) or len(available)
     if n > len(available):
@@ -163,6 +165,8 @@ def settings(c: ml_collections.ConfigDict) -> dict:
     )  # fmt: skip
     if pipeline_class(c.model).uses_negative_prompt:
         out["negative_prompt"] = s.negative_prompt
+    if c.get("lora"):  # only when set: outdirs written before the option existed still resume
+        out["lora"] = [[str(Path(p).resolve()), scale] for p, scale in lora.parse_spec(c.lora)]
     return out
 
 
@@ -182,7 +186,8 @@ def check_outdir(out: Path, wanted: dict) -> bool:
         stored = json.loads(stored_file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{stored_file} is not valid JSON ({e}); remove it or pass another --outdir") from e
-    changed = [f"{k} {stored.get(k)!r} -> {v!r}" for k, v in wanted.items() if stored.get(k) != v]
+    keys = {**stored, **wanted}  # a setting dropped (lora) is a change too
+    changed = [f"{k} {stored.get(k)!r} -> {wanted.get(k)!r}" for k in keys if stored.get(k) != wanted.get(k)]
     if changed:
         raise FileExistsError(
             f"--outdir={out} holds images made with other settings ({stored_file}): {'; '.join(changed)}; "
@@ -276,7 +281,10 @@ def load_pipeline(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None =
         opts = dict(sharding=(mesh, sharding.DEFAULT_RULES) if shard else replicated, vae_sharding=replicated)
     dtype = jnp.dtype(c.dtype)
     opts["fused_qkv"] = bool(c.get("fused_qkv", False))  # how the transformer computes, not what
-    return pipeline_class(c.model).from_pretrained(c.pipeline, dtype=dtype, vae_stride=c.vae_stride, **opts)
+    pipe = pipeline_class(c.model).from_pretrained(c.pipeline, dtype=dtype, vae_stride=c.vae_stride, **opts)
+    for path, scale in lora.parse_spec(c.get("lora")):  # merged on the transformer's shardings
+        pipe.load_lora_weights(path, scale)
+    return pipe
 
 
 def run(c: ml_collections.ConfigDict, prompts_file: str, outdir: str) -> int:

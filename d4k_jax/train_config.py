@@ -66,6 +66,7 @@ RESUMABLE = {
     "fused_qkv": "q/k/v computed as one matmul from the same weights: the same step",
     "distributed": "multi-process start-up",
     "compilation_cache": "where compiled programs are kept",
+    "lora": "LoRA files merged by d4k_jax.sample (training refuses a set value)",
 }
 # Not in RESUMABLE, deliberately: data.worker_count (grain's stream, and its saved state, depend on it),
 # data.folder / data_dir (what is trained on), dtype / param_dtype, seed (each step's noise and the data
@@ -79,6 +80,8 @@ def validate(c: ml_collections.ConfigDict, workdir: str | Path, num_devices: int
     mesh = mesh_problems(c.train.mesh, num_devices, dcn=c.train.get("mesh_dcn"), num_granules=num_granules)
     problems = [*_choice_problems(c), *_number_problems(c), *mesh]
     problems += _pipeline_problems(c) + _data_problems(c, Path(workdir))
+    if c.get("lora"):  # sampling's option; training a LoRA, or on a merged one, is not implemented yet
+        problems.append(f"lora={c.lora!r}: LoRA files are merged by d4k_jax.sample only; training does not read them")
     if not mesh:
         problems += _sequence_problems(c, mesh_sizes(c.train.mesh, num_devices, c.train.get("mesh_dcn"), num_granules))
     if problems:  # one line (the CLI's `error:` line), the problems in the order of the checks

@@ -15,6 +15,7 @@ from tiny_pipelines import flux_pipeline, sd3_pipeline
 
 from configs import flux_wlf, sd3_wlf
 from d4k_jax import sample, sharding
+from d4k_jax.io.safetensors_io import save_file
 from d4k_jax.pipelines import base
 
 PROMPTS = ["a red cat on the sky", "a blue dog", "a green square on a red background"]
@@ -37,7 +38,7 @@ def loaded_once():
 
     def cached(c, mesh=None):
         devices = None if mesh is None else (str(mesh), tuple(d.id for d in mesh.devices.flat))
-        key = (c.pipeline, devices, c.shard_params)
+        key = (c.pipeline, devices, c.shard_params, c.get("lora"))
         if key not in cache:
             cache[key] = load(c, mesh)
         return cache[key]
@@ -226,3 +227,39 @@ def test_fsdp_sharded_params_give_the_same_images(pipes, tmp_path):
     assert sorted(a) == sorted(b)
     for name in a:
         assert np.abs(a[name].astype(int) - b[name].astype(int)).max() <= 1, name
+
+
+def _tiny_lora(path, width=32):
+    """A diffusers-layout LoRA (rank 2) on the tiny Flux's double blocks' to_q and to_v."""
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for i in range(2):
+        for m in ("to_q", "to_v"):
+            name = f"transformer.transformer_blocks.{i}.attn.{m}"
+            tensors[f"{name}.lora_A.weight"] = rng.normal(0, 0.5, (2, width)).astype(np.float32)
+            tensors[f"{name}.lora_B.weight"] = rng.normal(0, 0.5, (32, 2)).astype(np.float32)
+    save_file(tensors, path)
+    return path
+
+
+def test_lora_option_is_checked_first_then_merged(pipes, sampled, tmp_path, monkeypatch):
+    """--config.lora: files checked against the transformer's config.json before any weight loads; merged images
+    differ from the base model's, and the outdir's settings record the files."""
+    good, wrong = _tiny_lora(tmp_path / "good.safetensors"), _tiny_lora(tmp_path / "wrong.safetensors", width=31)
+    (tmp_path / "one.txt").write_text(PROMPTS[0] + "\n")
+    c = _config("flux", pipes, num_devices=1, images_per_prompt=1, batch_size=1)
+    with monkeypatch.context() as m:
+        m.setattr(sample, "load_pipeline", _no_weights)
+        c.lora = f"{wrong}:0.5,{tmp_path / 'missing.safetensors'}"
+        with pytest.raises(ValueError) as e:
+            sample.run(c, tmp_path / "one.txt", tmp_path / "out")
+    assert "missing.safetensors: expected an existing .safetensors file" in str(e.value)
+    assert "transformer.transformer_blocks.0.attn.to_q: up [32, 2] @ down [2, 31] -> kernel (31, 32)" in str(e.value)
+    c.lora = f"{good}:0.8"
+    assert sample.run(c, tmp_path / "one.txt", tmp_path / "out") == 1
+    merged, plain = _images(tmp_path / "out")["00000_00.png"], _images(sampled)["00000_00.png"]
+    assert np.abs(merged.astype(int) - plain.astype(int)).mean() > 1
+    assert json.loads((tmp_path / "out" / "settings.json").read_text())["lora"] == [[str(good.resolve()), 0.8]]
+    c.lora = ""
+    with pytest.raises(FileExistsError, match=r"lora \[\[.*good\.safetensors', 0\.8\]\] -> None"):
+        sample.run(c, tmp_path / "one.txt", tmp_path / "out")  # a LoRA dropped is a change too

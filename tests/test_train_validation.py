@@ -79,6 +79,10 @@ CASES = {  # case -> (config changes, what the message must name: the bad value 
     ),
     "zero steps": (lambda c: c.train.update(steps=0, log_every=0), ["train.steps=0", "train.log_every=0", ">= 1"]),
     "no eval prompts": (lambda c: c.eval.update(prompts=()), ["eval.prompts is empty"]),
+    "a LoRA (sampling's option)": (
+        lambda c: c.update(lora="style.safetensors:0.5"),
+        ["lora='style.safetensors:0.5'", "merged by d4k_jax.sample only"],
+    ),
 }
 
 

@@ -3,6 +3,7 @@ single files -> (module, params), strictly, through each model's key map (`model
 
 from d4k_jax.io.components import class_name, kind_for, kind_of_module
 from d4k_jax.io.load import load_component, load_config
+from d4k_jax.io.lora import merge_lora
 from d4k_jax.io.safetensors_io import SafetensorsError
 from d4k_jax.models.keymap import ConversionError
 
@@ -14,4 +15,5 @@ __all__ = [
     "kind_of_module",
     "load_component",
     "load_config",
+    "merge_lora",
 ]

@@ -18,7 +18,7 @@ import numpy as np
 from absl import logging
 
 from d4k_jax.diffusion.flow import SchedulerConfig
-from d4k_jax.io import class_name, kind_for, load_component, load_config
+from d4k_jax.io import class_name, kind_for, load_component, load_config, lora
 from d4k_jax.models import vae_keys
 from d4k_jax.models.vae import AutoencoderKL
 from d4k_jax.nn import ulysses
@@ -121,6 +121,16 @@ class Pipeline(abc.ABC):
         )
         vae = component(vae) or load(path, "vae", dtype, **vae_opts)
         return cls(transformer=transformer, vae=vae, scheduler=scheduler, **cls.text_components(path, dtype))
+
+    def load_lora_weights(self, path: str | os.PathLike, scale: float = 1.0) -> None:
+        """Merges a LoRA file into the transformer's params at `scale` (diffusers / peft or kohya safetensors; see
+        d4k_jax/io/lora.py), on their shardings and in their dtype; repeated calls add. In place, as diffusers'
+        fuse_lora: the changed params' buffers are reused, so arrays of the old params held elsewhere are deleted.
+        A merge is not undone (in bf16, subtracting it back is not exact): to drop a LoRA, load the pipeline again."""
+        module, params = self.transformer
+        if params is None:
+            raise ValueError("the transformer has no params yet: set them before loading a LoRA")
+        self.transformer = Component(module, lora.merge_lora(module, params, [(path, scale)], donate=True))
 
     @classmethod
     @abc.abstractmethod
