@@ -15,6 +15,7 @@ def test_project_flags_are_added_unless_the_user_set_them():
     fresh = {}
     assert xla_flags.apply(fresh) == "--xla_gpu_enable_latency_hiding_scheduler=true"
     assert xla_flags.with_flags(fresh["XLA_FLAGS"]) == fresh["XLA_FLAGS"]  # applying twice adds nothing
+    assert xla_flags.apply({"JAX_PLATFORMS": "cpu"}) == ""  # a CPU-only run keeps its cache keys
 
 
 def test_every_flag_is_one_xla_accepts():
