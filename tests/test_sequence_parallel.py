@@ -38,7 +38,6 @@ CASES = [
     ("flux", "sequence 8", 7, True),
     ("flux", "sequence 4 x fsdp 2", 8, True),
     ("flux", "sequence 2 x tensor 2 x fsdp 2", 7, False),
-    ("sd3", "sequence 4", 7, False),
     ("sd3", "sequence 8", 8, True),
     ("sd3", "sequence 4 x fsdp 2", 7, True),
     ("sd3", "sequence 2 x tensor 2 x fsdp 2", 8, False),
