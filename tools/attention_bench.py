@@ -20,15 +20,9 @@ output (fwd) or of dq, dk, dv (fwd_bwd), in the compute dtype, with ref_max_abs 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
-
-def _report(args, row: dict) -> None:
-    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(json.dumps(row) + "\n")
+from tools.bench_gpu import _report  # one printed line and one JSON line per result
 
 
 def _ints(text: str) -> list[int]:
