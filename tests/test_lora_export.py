@@ -198,7 +198,12 @@ def test_diffusers_saved_lora_reexports_to_the_same_file(tmp_path):
             flat.setdefault((*p, leaf), np.zeros(shape, np.float32))
         flat[(*p, "down")][u.layer], flat[(*p, "up")][u.layer] = a[:, u.cols].T, b[u.rows].T
         flat[(*p, "scale")][u.layer] = 1.0
-    ours = read_lora_file(save_lora(tmp_path / "ours.safetensors", module, shapes, _nest(flat), alpha=ALPHA))
+    note = {"trained_with": "d4k_jax"}  # more metadata of the caller's, beside diffusers'
+    ours = read_lora_file(
+        save_lora(tmp_path / "ours.safetensors", module, shapes, _nest(flat), alpha=np.float32(ALPHA), metadata=note)
+    )
+    with safe_open(ours.path, framework="numpy") as f:
+        assert f.metadata()["trained_with"] == "d4k_jax" and f.metadata()["format"] == "pt"
     assert set(ours.source) == set(theirs.source) and len(ours.source) == 2 * 20  # 20 modules, A and B
     for key in theirs.source:
         np.testing.assert_array_equal(ours.source[key], theirs.source[key], err_msg=key)
@@ -252,3 +257,5 @@ def test_every_mismatch_is_listed(tmp_path):
     none = _adapters(shapes, {("transformer_blocks", "attn", "to_q"): (4, [0.0, 0.0])})
     with pytest.raises(ValueError, match="no adapter to write"):
         save_lora(tmp_path / "none.safetensors", module, shapes, none, alpha=ALPHA)
+    with pytest.raises(ValueError, match=r"refused: 'format' \(written by save_lora\)"):
+        save_lora(tmp_path / "m.safetensors", module, shapes, _nest(adapters), alpha=ALPHA, metadata={"format": "np"})

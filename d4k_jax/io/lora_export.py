@@ -31,6 +31,7 @@ from __future__ import annotations
 import collections
 import json
 import math
+import numbers
 import os
 import re
 from collections.abc import Mapping
@@ -72,8 +73,9 @@ def save_lora(
     if path.suffix != ".safetensors":
         raise ValueError(f"LoRA export path {path}: expected a .safetensors file name")
     extra = _extra_metadata(metadata)
-    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha)) or isinstance(alpha, bool):
+    if isinstance(alpha, bool) or not (isinstance(alpha, numbers.Real) and math.isfinite(alpha)):
         raise ValueError(f"LoRA export alpha {alpha!r}: expected a finite number (peft's lora_alpha)")
+    alpha = float(alpha)
     groups = _groups(adapters)
     scales = {p: _host(g["scale"]) for p, g in groups.items() if "scale" in g}  # collective: the same order everywhere
     leaf_shapes = {p: {k: tuple(np.shape(a)) for k, a in g.items()} for p, g in groups.items()}
