@@ -24,10 +24,11 @@ EXPORT_RECORD = "export.json"  # in the exported pipeline folder: {"step": the t
 
 
 def finish(
-    c: ml_collections.ConfigDict, workdir: Path, source: Path, module: nn.Module, params: Any, step: int
+    c: ml_collections.ConfigDict, workdir: Path, source: Path, module: nn.Module, params: Any | None, step: int
 ) -> None:
-    """The loss-curve and sample-grid PNGs, and WORKDIR/pipeline with the trained transformer of `step`."""
-    if c.train.export:
+    """The loss-curve and sample-grid PNGs, and WORKDIR/pipeline with the trained transformer of `step` (none for
+    `params` None: a LoRA run, whose adapters are in its checkpoints)."""
+    if c.train.export and params is not None:
         export_pipeline(source, workdir / "pipeline", module, params, step)
     if jax.process_index() != 0:
         return

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,7 +31,9 @@ from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec
 
 from d4k_jax.io import lora as lora_io
-from d4k_jax.models.keymap import Shapes
+from d4k_jax.io.components import kind_for
+from d4k_jax.io.load import load_config
+from d4k_jax.models.keymap import Shapes, param_shapes
 from d4k_jax.nn.linear import LORA
 
 KeyPath = tuple[str, ...]
@@ -127,20 +130,17 @@ def scales(targets: Sequence[Target], scale: float) -> dict:
     return _nested(flat)
 
 
-def abstract(targets: Sequence[Target], params: Any, rank: int) -> dict:
-    """The adapters as ShapeDtypeStructs (float32) whose NamedShardings follow each base kernel's in `params`
-    (ShapeDtypeStructs or arrays on NamedShardings): down the kernel's (layers?, in) partitioning and a whole rank
-    axis, up a whole rank axis and the kernel's out partitioning."""
+def abstract(adapters: dict, params: Any) -> dict:
+    """`adapters` (arrays or ShapeDtypeStructs, e.g. jax.eval_shape of `init`) as float32 ShapeDtypeStructs whose
+    NamedShardings follow each base kernel's in `params` (ShapeDtypeStructs or arrays on NamedShardings): down the
+    kernel's (layers?, in) partitioning and a whole rank axis, up a whole rank axis and the kernel's out one."""
     kernels = traverse_util.flatten_dict(params)
     flat = {}
-    for t in targets:
-        kernel = kernels[(*t.path, "kernel")]
-        *lead, n_in, out = t.shape
-        down, up = adapter_shardings(kernel.sharding, len(t.shape))
-        flat[t.path] = {
-            "down": jax.ShapeDtypeStruct((*lead, n_in, rank), jnp.float32, sharding=down),
-            "up": jax.ShapeDtypeStruct((*lead, rank, out), jnp.float32, sharding=up),
-        }
+    for path, leaves in _by_module(adapters).items():
+        kernel = kernels[(*path, "kernel")]
+        down, up = adapter_shardings(kernel.sharding, len(kernel.shape))
+        shaped = lambda x, s: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=s)
+        flat[path] = {"down": shaped(leaves["down"], down), "up": shaped(leaves["up"], up)}
     return _nested(flat)
 
 
@@ -220,3 +220,52 @@ def _by_module(tree: dict) -> dict[KeyPath, dict]:
 
 def _nested(by_module: dict[KeyPath, dict]) -> dict:
     return traverse_util.unflatten_dict({(*p, k): v for p, leaves in by_module.items() for k, v in leaves.items()})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The training config's `train.lora` (configs/training.py)
+
+
+def from_config(c: Any) -> LoraConfig | None:
+    """`train.lora` (rank, alpha, dropout, targets as a comma-separated string, "" for the default) as a LoraConfig;
+    None for rank 0 (full fine-tuning)."""
+    if not c or not c.get("rank"):
+        return None
+    targets = tuple(t.strip() for t in (c.get("targets") or "").split(",") if t.strip()) or DEFAULT_TARGETS
+    alpha = c.get("alpha")
+    return LoraConfig(int(c["rank"]), None if alpha is None else float(alpha), float(c.get("dropout") or 0), targets)
+
+
+def train_problems(c: Any, transformer_folder: str | os.PathLike | None) -> list[str]:
+    """`config_problems` of `train.lora` against the transformer of `transformer_folder` (its config.json only)."""
+    module = shapes = None
+    if c and c.get("rank") and transformer_folder:
+        try:
+            cfg = load_config(transformer_folder)
+            kind = kind_for(cfg, str(transformer_folder))
+            module = kind.build(kind.config_from(cfg))
+            shapes = param_shapes(module, kind.init_inputs(module.config))
+        except (ValueError, OSError):
+            pass  # the pipeline folder's own problems are reported where it is checked
+    return config_problems(c, module, shapes)
+
+
+def config_problems(c: Any, module: nn.Module | None, shapes: Shapes | None) -> list[str]:
+    """What is wrong with `train.lora` `c`, its targets checked against the transformer `module` (params of
+    `shapes`; None: not checked, the pipeline's own problems are reported elsewhere)."""
+    if not c:
+        return []
+    rank, alpha, dropout = c.get("rank"), c.get("alpha"), c.get("dropout")
+    problems = []
+    if not isinstance(rank, int) or rank < 0:
+        problems.append(f"train.lora.rank={rank!r}: expected an integer >= 0 (0: full fine-tuning)")
+    if alpha is not None and (not isinstance(alpha, int | float) or alpha <= 0):
+        problems.append(f"train.lora.alpha={alpha!r}: expected a positive number, or None (the rank)")
+    if not isinstance(dropout, int | float) or not 0 <= dropout < 1:
+        problems.append(f"train.lora.dropout={dropout!r}: expected a number in [0, 1)")
+    if not problems and rank and module is not None:
+        try:
+            resolve(module, shapes, from_config(c).targets)
+        except ValueError as e:
+            problems.append(f"train.lora.targets={c.get('targets')!r}: {e}")
+    return problems

@@ -145,7 +145,7 @@ def test_init_and_shardings_follow_peft_and_the_kernels(flux):
         assert not np.any(np.asarray(up)) and up.shape == (*t.shape[:-2], 8, t.shape[-1])
     mesh = sharding.make_mesh({"fsdp": 4, "tensor": 2})
     params = abstract_params(module, kind_of_module(module).init_inputs(module.config), mesh, sharding.DEFAULT_RULES)
-    specs = traverse_util.flatten_dict(jax.tree.map(lambda x: x.sharding.spec, lora.abstract(found, params, 8)))
+    specs = traverse_util.flatten_dict(jax.tree.map(lambda x: x.sharding.spec, lora.abstract(adapters, params)))
     kernel = params["transformer_blocks"]["attn"]["to_q"]["kernel"].sharding.spec
     q = ("transformer_blocks", "attn", "to_q")
     assert kernel[-1] is not None  # heads over tensor: the up follows it
@@ -160,3 +160,32 @@ def test_targets_that_do_not_fit_are_listed(flux):
     msg = str(e.value)
     assert "['to_zz']" in msg and "single_transformer_blocks.2.proj_out (stored here as" in msg
     assert "'proj_out (" not in msg and "norm_out" not in msg  # the final proj_out, norm_out.linear: one kernel each
+
+
+def test_adapters_under_sequence_tensor_and_fsdp_sharding(tmp_path, monkeypatch):
+    """Adapters on their kernels' shardings (sequence 2 x fsdp 2 x tensor 2: the image tokens split over
+    `sequence` inside the attention's shard_map, the adapters outside it): the one-device velocity."""
+    import flax.linen as nn
+    from helpers import sequence_degrees
+
+    from d4k_jax.io.components import kind_of_module
+    from d4k_jax.train_state import abstract_params
+
+    degrees = sequence_degrees(monkeypatch)
+    heads = dict(num_attention_heads=4, attention_head_dim=8, axes_dims_rope=(2, 2, 4))
+    module, base = load_component(save_component(make_flux(seed=7, **heads), tmp_path / "flux4"))
+    found = lora.resolve(module, shapes_of(base), lora.DEFAULT_TARGETS + FLUX_EXTRA)
+    adapters = jax.tree.map(lambda x: x + 0.05, lora.init(jax.random.key(0), found, RANK))
+    scales = lora.scales(found, 2.0)
+    latents, t, text, pooled = _inputs()
+    args = (latents, t, text, pooled, np.full((2,), 3.5, np.float32))
+    want = _velocity(module, lora.variables(base, adapters, scales), args)
+    mesh = sharding.make_mesh({"sequence": 2, "fsdp": 2, "tensor": 2})
+    params = abstract_params(module, kind_of_module(module).init_inputs(module.config), mesh, sharding.DEFAULT_RULES)
+    placed = jax.device_put(base, jax.tree.map(lambda x: x.sharding, params))
+    shardings = jax.tree.map(lambda x: x.sharding, lora.abstract(adapters, params))
+    assert any(not s.is_fully_replicated for s in jax.tree.leaves(shardings))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+        variables = lora.variables(placed, jax.device_put(adapters, shardings), scales)
+        got = np.asarray(jax.jit(module.apply)(variables, *args))
+    assert rel_err(got, want) < 1e-5 and max(degrees) == 2
