@@ -7,9 +7,11 @@
 import ml_collections
 
 from configs.sampling import sampling_config
-from configs.training import add_training
+from configs.training import add_training, tiny_lora
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    c = sampling_config("sd3", steps=28, max_sequence_length=256, arg=arg)  # CFG 7.0, empty negative prompt
-    return add_training(c, arg)
+    base = "tiny" if arg == "tiny_lora" else arg  # :tiny_lora is :tiny training LoRA adapters
+    c = sampling_config("sd3", steps=28, max_sequence_length=256, arg=base)  # CFG 7.0, empty negative prompt
+    c = add_training(c, base)
+    return tiny_lora(c) if arg == "tiny_lora" else c

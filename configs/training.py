@@ -74,6 +74,12 @@ def add_training(c: ml_collections.ConfigDict, arg: str | None) -> ml_collection
             # resuming (a checkpoint in WORKDIR) with fields changed that alter what is trained is refused
             # (d4k_jax/train_config.py lists the fields a resume may change); True accepts them, logged
             allow_config_change=False,
+            # LoRA: rank > 0 trains only low-rank adapters (float32, AdamW above) on the frozen transformer, which
+            # is then stored in `dtype` (no gradient, optimizer state or float32 copy; checkpoints hold the adapters,
+            # their optimizer state and the step). alpha None: the rank (scale 1, as peft); dropout on the adapters'
+            # inputs; targets: peft module names separated by commas, "" for the diffusers training scripts'
+            # attention q/k/v/out of both streams (d4k_jax/lora.py DEFAULT_TARGETS)
+            lora=dict(rank=0, alpha=ml_collections.config_dict.placeholder(float), dropout=0.0, targets=""),
         )
     )
     c.loss = ml_collections.ConfigDict(
@@ -127,4 +133,14 @@ def add_training(c: ml_collections.ConfigDict, arg: str | None) -> ml_collection
         c.eval.update(every=1000, prompts=DEMO_PROMPTS, height=64, width=64, steps=20, guidance=3.5)
         c.eval.max_sequence_length = 16
         c.sample.update(height=64, width=64, steps=20, guidance=3.5)
+    return c
+
+
+def tiny_lora(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`:tiny_lora`: `:tiny`, training rank-16 adapters on every attention and MLP Linear of the demo transformer
+    (frozen) instead of the whole model; a higher learning rate, as LoRA recipes use."""
+    attention = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"
+    mlp = "ff.net.0.proj,ff.net.2,ff_context.net.0.proj,ff_context.net.2" + (",proj_mlp" if c.model == "flux" else "")
+    c.train.lora.update(rank=16, targets=f"{attention},{mlp}")
+    c.train.update(lr=1e-2)
     return c

@@ -16,18 +16,34 @@ import flax.linen as nn
 import jax
 import ml_collections
 from absl import logging
+from flax import traverse_util
 
-from d4k_jax import checkpoint, plots
+from d4k_jax import checkpoint, lora, plots
+from d4k_jax.io.lora_export import save_lora
 from d4k_jax.sharding import sync_processes
 
 EXPORT_RECORD = "export.json"  # in the exported pipeline folder: {"step": the train step of its weights}
+LORA_FILE = "lora.safetensors"  # a LoRA run's adapters, in WORKDIR
+
+
+def export_lora(dst: Path, module: nn.Module, adapters: Any, base: Any, lora_cfg: Any, step: int) -> Path:
+    """A LoRA run's trained `adapters` ({module path: {down, up}}) on the frozen `base` (train_step.Frozen: its
+    scales mark the adapted layers of each stack) as one diffusers-format LoRA file at `dst`, which diffusers'
+    `load_lora_weights` and `d4k_jax.sample --config.lora=DST` read; every process calls it (sharded adapters are
+    gathered), process 0 writes. The file's metadata records the train step."""
+    cfg = lora.from_config(lora_cfg)
+    shapes = {p: tuple(x.shape) for p, x in traverse_util.flatten_dict(base.params).items()}
+    flat = traverse_util.flatten_dict(adapters) | traverse_util.flatten_dict(base.scales)
+    alpha = cfg.rank if cfg.alpha is None else cfg.alpha
+    return save_lora(dst, module, shapes, traverse_util.unflatten_dict(flat), alpha=alpha, metadata={"step": str(step)})
 
 
 def finish(
-    c: ml_collections.ConfigDict, workdir: Path, source: Path, module: nn.Module, params: Any, step: int
+    c: ml_collections.ConfigDict, workdir: Path, source: Path, module: nn.Module, params: Any | None, step: int
 ) -> None:
-    """The loss-curve and sample-grid PNGs, and WORKDIR/pipeline with the trained transformer of `step`."""
-    if c.train.export:
+    """The loss-curve and sample-grid PNGs, and WORKDIR/pipeline with the trained transformer of `step` (none for
+    `params` None: a LoRA run, whose adapters are in its checkpoints)."""
+    if c.train.export and params is not None:
         export_pipeline(source, workdir / "pipeline", module, params, step)
     if jax.process_index() != 0:
         return

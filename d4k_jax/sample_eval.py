@@ -17,9 +17,10 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from d4k_jax import files, plots
+from d4k_jax import files, lora, plots
 from d4k_jax import train_step as ts
 from d4k_jax.metrics import suite
+from d4k_jax.nn.linear import LORA
 from d4k_jax.pipelines.base import Component, Pipeline, global_rows, initial_noise
 from d4k_jax.sharding import Rules
 
@@ -61,8 +62,14 @@ class SampleEval:
         self.metrics.update(list(images), self.prompts)
         return {f"eval_{k}": r["value"] for k, r in self.metrics.result().items() if "value" in r}
 
+    base: Any = None  # LoRA training: the frozen train_step.Frozen; the hook's params are then its adapters
+
     def __call__(self, params: Any) -> np.ndarray:
-        self.pipe.transformer = Component(self.module, params)
+        if self.base is None:
+            self.pipe.transformer = Component(self.module, params)
+        else:
+            self.pipe.transformer = Component(self.module, self.base.params)
+            self.pipe.adapters = lora.variables(None, params, self.base.scales)[LORA]
         with nn.logical_axis_rules(self.rules):
             images = self.pipe(self.padded, **self.kwargs)
         if jax.process_count() > 1:  # the few eval images, to every process: each logs and measures them all

@@ -6,17 +6,21 @@
 
 The run: check the config (d4k_jax.train_config: sizes, batch splits, mesh, names, folders; nothing is
 loaded before); build the dataset (array_record) if it is not there; encode every caption once into the
-text cache; train the transformer (VAE and text encoders frozen) with the loop of d4k_jax.trainer; sample
-the eval prompts every `eval.every` steps (grids in WORKDIR/samples, TensorBoard); at the end write
+text cache; train the transformer (VAE and text encoders frozen; with train.lora.rank > 0, only LoRA adapters
+on the frozen transformer: d4k_jax/lora.py) with the loop of d4k_jax.trainer; sample the eval prompts every
+`eval.every` steps (grids in WORKDIR/samples, TensorBoard); at the end write
 WORKDIR/loss_curve.png, WORKDIR/sample_grid.png and WORKDIR/pipeline (the trained transformer with
 the other components, loadable by the pipelines and `python -m d4k_jax.sample`; pipeline/export.json
-records its step, and a run extended past it exports again). Rerunning the same command resumes from the
+records its step, and a run extended past it exports again; a LoRA run writes its adapters as
+WORKDIR/lora.safetensors instead, a diffusers-format LoRA file). Rerunning
+the same command resumes from the
 latest checkpoint; a rerun that changes the recipe is refused (train_config.RESUMABLE lists what may
 change; --config.train.allow_config_change=True accepts the rest); SIGTERM saves a checkpoint first.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -25,13 +29,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from absl import flags, logging
+from flax.traverse_util import flatten_dict
 from ml_collections import config_flags
 
-from d4k_jax import checkpoint, cli, distributed, files, sharding, train_config, train_state
+from d4k_jax import checkpoint, cli, distributed, files, lora, sharding, train_config, train_state
 from d4k_jax import train_step as ts
 from d4k_jax.data import input_pipeline, text_cache
 from d4k_jax.data.prepare import prepare_data
-from d4k_jax.export import finish
+from d4k_jax.export import LORA_FILE, export_lora, finish
 from d4k_jax.io import kind_of_module
 from d4k_jax.pipelines import base, pipeline_class
 from d4k_jax.sample_eval import SampleEval
@@ -68,6 +73,7 @@ def run(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[dict]:
     pipe.release_text_encoders()
 
     trainer = _trainer(c, module, params, pipe.vae, mesh, rules)
+    sampler.base = trainer.base  # LoRA: the eval samples with the frozen base + the state's adapters
     del params
     loader = input_pipeline.make_loader(
         data_dir,
@@ -90,7 +96,10 @@ def run(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[dict]:
             metadata=stored,
         )
     if int(trainer.state.step) == c.train.steps:
-        finish(c, workdir, path, module, trainer.state.params, c.train.steps)
+        if trainer.base is not None and c.train.export:  # LoRA: the adapters as a diffusers LoRA file
+            export_lora(workdir / LORA_FILE, module, trainer.state.params, trainer.base, c.train.lora, c.train.steps)
+        trained = None if trainer.base is not None else trainer.state.params
+        finish(c, workdir, path, module, trained, c.train.steps)
     return rows
 
 
@@ -102,7 +111,8 @@ def _pipeline(c: ml_collections.ConfigDict, path: Path, mesh, rules) -> base.Pip
         dtype=jnp.dtype(c.dtype),
         vae_stride=c.vae_stride or None,
         vae_sharding=train_state.replicated(mesh),
-        param_dtype=jnp.dtype(c.param_dtype),
+        # LoRA: the frozen base is stored in the compute dtype (no float32 master copy); the adapters are float32
+        param_dtype=jnp.dtype(c.dtype if lora.from_config(c.train.get("lora")) else c.param_dtype),
         remat=c.train.remat,
         fused_qkv=bool(c.get("fused_qkv", False)),
         sharding=(mesh, rules),
@@ -124,8 +134,10 @@ def _check_and_record(c: ml_collections.ConfigDict, workdir: Path) -> dict:
 
 
 def _trainer(c: ml_collections.ConfigDict, module, params, vae: base.Component, mesh, rules) -> Trainer:
-    """The trainer of the transformer `module` from `params`: AdamW on the config's lr schedule, the loss."""
+    """The trainer of the transformer `module` from `params`: AdamW on the config's lr schedule, the loss; with
+    `train.lora`, of LoRA adapters (peft's initialisation, from the seed) on `params` frozen."""
     schedule = lr_schedule(c.train)
+    adapter = lora.from_config(c.train.get("lora"))
     tx = ts.optimizer(
         schedule,
         c.train.b1,
@@ -133,8 +145,14 @@ def _trainer(c: ml_collections.ConfigDict, module, params, vae: base.Component, 
         c.train.eps,
         c.train.weight_decay,
         c.train.clip_norm,
-        ts.trainable_mask(params),
+        None if adapter else ts.trainable_mask(params),
     )
+    base = None
+    if adapter:
+        targets = lora.resolve(module, {p: tuple(a.shape) for p, a in flatten_dict(params).items()}, adapter.targets)
+        init = functools.partial(lora.init, jax.random.key(c.seed), targets, adapter.rank)
+        shardings = train_state.shardings_of(lora.abstract(jax.eval_shape(init), params))
+        base, params = ts.Frozen(params, lora.scales(targets, adapter.scale)), jax.jit(init, out_shardings=shardings)()
     return Trainer(
         module,
         params,
@@ -150,6 +168,8 @@ def _trainer(c: ml_collections.ConfigDict, module, params, vae: base.Component, 
         encode_passes=c.train.encode_passes,
         lr_schedule=schedule,
         peak_flops=c.train.peak_flops or None,
+        base=base,
+        lora_dropout=adapter.dropout if adapter else 0.0,
     )
 
 

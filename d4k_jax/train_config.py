@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 import pywt
 from absl import logging
 
+from d4k_jax import lora
 from d4k_jax import train_step as ts
 from d4k_jax.data import aesthetic4k
 from d4k_jax.nn.stack import REMAT_POLICIES
@@ -80,8 +81,12 @@ def validate(c: ml_collections.ConfigDict, workdir: str | Path, num_devices: int
     mesh = mesh_problems(c.train.mesh, num_devices, dcn=c.train.get("mesh_dcn"), num_granules=num_granules)
     problems = [*_choice_problems(c), *_number_problems(c), *mesh]
     problems += _pipeline_problems(c) + _data_problems(c, Path(workdir))
-    if c.get("lora"):  # sampling's option; training a LoRA, or on a merged one, is not implemented yet
-        problems.append(f"lora={c.lora!r}: LoRA files are merged by d4k_jax.sample only; training does not read them")
+    if c.get("lora"):  # sampling's option; training on a merged LoRA is not implemented
+        problems.append(
+            f"lora={c.lora!r}: LoRA files are merged by d4k_jax.sample only; training does not read them (to train "
+            "LoRA adapters: --config.train.lora.rank=R)"
+        )
+    problems += lora.train_problems(c.train.get("lora"), c.pipeline and Path(c.pipeline) / "transformer")
     if not mesh:
         problems += _sequence_problems(c, mesh_sizes(c.train.mesh, num_devices, c.train.get("mesh_dcn"), num_granules))
     if problems:  # one line (the CLI's `error:` line), the problems in the order of the checks

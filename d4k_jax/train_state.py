@@ -50,11 +50,14 @@ def abstract_train_state(
     tx: optax.GradientTransformation,
     mesh: Mesh,
     rules: sharding.Rules = sharding.DEFAULT_RULES,
+    params: Any = None,
 ) -> ts.TrainState:
     """TrainState(step [] int32, params, opt_state) of ShapeDtypeStructs with their NamedShardings; nothing
     is allocated. Moments are sharded like the parameters they follow, the rest of the optimizer state
-    replicated; a frozen parameter's slot in a masked optimizer's state is an optax.MaskedNode (no leaves)."""
-    params = abstract_params(model, init_inputs, mesh, rules)
+    replicated; a frozen parameter's slot in a masked optimizer's state is an optax.MaskedNode (no leaves).
+    `params`: the trained params' ShapeDtypeStructs with shardings, when they are not the model's (LoRA
+    adapters, d4k_jax.lora.abstract)."""
+    params = abstract_params(model, init_inputs, mesh, rules) if params is None else params
     opt_state = jax.eval_shape(tx.init, params)
     masked = lambda x: isinstance(x, optax.MaskedNode)
     opt_sharding = optax.tree_map_params(
@@ -98,14 +101,19 @@ def make_train_step(
     encode_passes: int = 1,
     trainable: Any = None,
     nan_policy: str = "stop",
+    base_sharding: Any = None,
+    lora_dropout: float = 0.0,
 ) -> Any:
-    """The jitted `step(state, batch, key, vae_params) -> (state, metrics)` the Trainer runs; call or lower it
+    """The jitted `step(state, batch, key, vae_params, base=None) -> (state, metrics)` the Trainer runs; call or
+    lower it
     under `jax.set_mesh(mesh)` (`lower_train_step`). The state is donated and comes back on
     `state_sharding` (NamedShardings like the TrainState, `shardings_of(abstract_train_state(...))`); the
     gradient accumulator of `microbatches` > 1 is held on the parameters' shardings. Metrics (replicated):
     train_step's loss, grad_norm, sigma_mean, plus `finite` (the loss and gradient norm are finite).
     nan_policy 'skip': a step that is not finite keeps the old parameters and optimizer state, the step
-    counts; 'stop' returns its result as it is (the caller stops on `finite`)."""
+    counts; 'stop' returns its result as it is (the caller stops on `finite`). LoRA training: the state's params
+    are the adapters and `base` the frozen train_step.Frozen, on `base_sharding` (its shardings, like its
+    params'), with `lora_dropout` on the adapters' inputs."""
     if nan_policy not in NAN_POLICIES:
         raise ValueError(f"nan_policy must be 'stop' or 'skip', got {nan_policy!r}")
     options = dict(
@@ -117,11 +125,12 @@ def make_train_step(
         encode_passes=encode_passes,
         trainable=trainable,
         param_sharding=state_sharding.params,
+        lora_dropout=lora_dropout,
     )
 
-    def step(state, batch, key, vae_params):
+    def step(state, batch, key, vae_params, base=None):
         with nn.logical_axis_rules(rules):
-            new, metrics = ts.train_step(state, batch, key, vae_params, **options)
+            new, metrics = ts.train_step(state, batch, key, vae_params, base=base, **options)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
         if nan_policy == "skip":
             new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state.replace(step=state.step + 1))
@@ -129,22 +138,24 @@ def make_train_step(
 
     return jax.jit(
         step,
-        in_shardings=(state_sharding, data_sharding(mesh), replicated(mesh), replicated(mesh)),
+        # the base, LoRA's only: jit wants one entry per positional argument given
+        in_shardings=(state_sharding, data_sharding(mesh), replicated(mesh), replicated(mesh))
+        + (() if base_sharding is None else (base_sharding,)),
         out_shardings=(state_sharding, replicated(mesh)),
         donate_argnums=0,
     )
 
 
 def lower_train_step(
-    step: Any, mesh: Mesh, state: ts.TrainState, batch: dict, vae_params: Any = None
+    step: Any, mesh: Mesh, state: ts.TrainState, batch: dict, vae_params: Any = None, base: Any = None
 ) -> jax.stages.Lowered:
     """`make_train_step`'s step lowered from shapes alone (for `.compile().memory_analysis()`): `state` from
     `abstract_train_state`, `batch` global ShapeDtypeStructs ("image" [B, H, W, 3] or "x0" [B, h, w, C],
-    "text" [B, T, D], "pooled" [B, P]), `vae_params` ShapeDtypeStructs or None; the step's in_shardings
-    place the batch, the key and the VAE parameters."""
+    "text" [B, T, D], "pooled" [B, P]), `vae_params` ShapeDtypeStructs or None, `base` (LoRA) the frozen
+    train_step.Frozen's; the step's in_shardings place the batch, the key, the VAE parameters and the base."""
     key = jax.eval_shape(jax.random.key, 0)
     with jax.set_mesh(mesh):
-        return step.lower(state, batch, key, vae_params)
+        return step.lower(state, batch, key, vae_params, *(() if base is None else (base,)))
 
 
 def _with_sharding(x: Any, s: NamedSharding) -> jax.ShapeDtypeStruct:

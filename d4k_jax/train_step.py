@@ -15,6 +15,7 @@ computed, all-reduced or counted in the logged `grad_norm`, which is the norm th
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -25,8 +26,10 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from d4k_jax import lora
 from d4k_jax.diffusion import flow, wavelet
 from d4k_jax.models.vae import AutoencoderKL, normalize_latents
+from d4k_jax.nn import linear
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,16 +107,40 @@ def sample_sigmas(key: jax.Array, batch: int, cfg: LossConfig) -> jax.Array:
     return flow.flux_training_sigmas(key, batch)
 
 
-def loss_from_noise(model: nn.Module, params, batch: dict, noise: jax.Array, sigma: jax.Array, cfg: LossConfig):
-    """The loss for given noise and sigma (what the parity test drives)."""
+@flax.struct.dataclass
+class Frozen:
+    """The frozen base of LoRA training (d4k_jax/lora.py), an input of the step as the VAE's params are: the
+    transformer's params (stored in the compute dtype: no gradient, no optimizer state, no float32 copy) and the
+    adapters' fixed scales; the train state's params are then the adapters alone."""
+
+    params: Any
+    scales: Any
+
+
+def loss_from_noise(
+    model: nn.Module,
+    params,
+    batch: dict,
+    noise: jax.Array,
+    sigma: jax.Array,
+    cfg: LossConfig,
+    base: Frozen | None = None,
+    dropout: tuple[float, jax.Array] | None = None,
+):
+    """The loss for given noise and sigma (what the parity test drives). With a `base`, `params` are LoRA adapters
+    on it; `dropout` (rate, key): the adapters' dropout (nn.linear.lora_dropout)."""
     x0 = batch["x0"]
     f = jnp.promote_types(x0.dtype, jnp.float32)  # float64 in the float64 parity test
     x_t = flow.add_noise(x0.astype(f), noise.astype(f), sigma).astype(model.dtype)
-    if cfg.model == "flux":
-        guidance = jnp.full(sigma.shape, cfg.guidance) if model.config.guidance_embeds else None
-        v = model.apply({"params": params}, x_t, sigma, batch["text"], batch["pooled"], guidance)
-    else:
-        v = model.apply({"params": params}, x_t, sigma * 1000, batch["text"], batch["pooled"])
+    variables = {"params": params} if base is None else lora.variables(base.params, params, base.scales)
+    rate, key = dropout or (0.0, None)
+    apply = functools.partial(model.apply, variables, rngs={"dropout": key} if rate else None)
+    with linear.lora_dropout(rate):
+        if cfg.model == "flux":
+            guidance = jnp.full(sigma.shape, cfg.guidance) if model.config.guidance_embeds else None
+            v = apply(x_t, sigma, batch["text"], batch["pooled"], guidance)
+        else:
+            v = apply(x_t, sigma * 1000, batch["text"], batch["pooled"])
     if cfg.loss == "wlf":
         return wavelet.wlf_loss(
             v, x0, noise, sigma, wavelet=cfg.wavelet, level=cfg.level, subband_weights=cfg.subband_weights
@@ -123,11 +150,15 @@ def loss_from_noise(model: nn.Module, params, batch: dict, noise: jax.Array, sig
     raise ValueError(f"loss must be 'wlf' or 'flow', got {cfg.loss!r}")
 
 
-def loss_and_grads(model: nn.Module, params, frozen, inputs: dict, cfg: LossConfig) -> tuple[jax.Array, Any]:
+def loss_and_grads(
+    model: nn.Module, params, frozen, inputs: dict, cfg: LossConfig, base: Frozen | None = None, dropout=None
+) -> tuple[jax.Array, Any]:
     """The loss of `inputs` (x0, text, pooled, noise, sigma) and its gradient in `params`, the trainable part
     of `partition(all params, mask)`; `frozen`, the other part, enters as constants: its entries in the
-    gradient tree are None, and no cotangent of theirs is ever computed."""
-    fn = lambda p: loss_from_noise(model, combine(p, frozen), inputs, inputs["noise"], inputs["sigma"], cfg)
+    gradient tree are None, and no cotangent of theirs is ever computed. `base`, `dropout`: as loss_from_noise."""
+    fn = lambda p: loss_from_noise(
+        model, combine(p, frozen), inputs, inputs["noise"], inputs["sigma"], cfg, base, dropout
+    )
     return jax.value_and_grad(fn)(params)
 
 
@@ -181,6 +212,7 @@ def _strided_map(fn, n: int, *xs: jax.Array) -> jax.Array:
     return out.swapaxes(0, 1).reshape(-1, *out.shape[2:])
 
 
+# One function, so that the order of the step's randomness, encode, microbatches and update reads in one place.
 def train_step(
     state: TrainState,
     batch: dict,
@@ -195,6 +227,8 @@ def train_step(
     encode_passes: int = 1,
     trainable: Any = None,
     param_sharding: Any = None,
+    base: Frozen | None = None,
+    lora_dropout: float = 0.0,
 ) -> tuple[TrainState, dict]:
     """One optimizer step. `key` is the run's key; the step's randomness is fold_in(key, step).
 
@@ -203,7 +237,8 @@ def train_step(
     (zero) gradients. `microbatches` > 1 accumulates the gradient over that many strided slices of the
     batch in sequence (fp32 sums), for global batches whose activations do not fit at once; the result
     equals one pass. `param_sharding` (NamedShardings like the params) keeps that fp32 accumulator
-    sharded like the parameters: left unconstrained, XLA may hold it whole on every device.
+    sharded like the parameters: left unconstrained, XLA may hold it whole on every device. `base` (LoRA
+    training): the state's params are adapters on this frozen transformer, with `lora_dropout` on their inputs.
     """
     k_sigma, k_noise, k_vae = jax.random.split(jax.random.fold_in(key, state.step), 3)
     if "image" in batch:
@@ -221,18 +256,23 @@ def train_step(
     mask = trainable_mask(state.params) if trainable is None else trainable
     mask = mask(state.params) if callable(mask) else mask
     params, frozen = partition(state.params, mask)
+    # the adapters' dropout key, per microbatch; the step's other keys are as without it
+    k_drop = jax.random.fold_in(jax.random.fold_in(key, state.step), microbatches)
+    dropout = lambda i: (lora_dropout, jax.random.fold_in(k_drop, i)) if lora_dropout else None
     if microbatches == 1:
-        loss, grads = loss_and_grads(model, params, frozen, inputs, cfg)
+        loss, grads = loss_and_grads(model, params, frozen, inputs, cfg, base, dropout(0))
     else:
         shardings = None if param_sharding is None else partition(param_sharding, mask)[0]
         hold = lambda t: t if shardings is None else jax.tree.map(jax.lax.with_sharding_constraint, t, shardings)
 
-        def accumulate(carry, micro):
-            loss, grads = loss_and_grads(model, params, frozen, micro, cfg)
+        def accumulate(carry, indexed):
+            i, micro = indexed
+            loss, grads = loss_and_grads(model, params, frozen, micro, cfg, base, dropout(i))
             return (carry[0] + loss, hold(jax.tree.map(lambda a, g: a + g.astype(jnp.float32), carry[1], grads))), None
 
         zeros = (jnp.zeros(()), hold(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)))
-        (loss, grads), _ = jax.lax.scan(accumulate, zeros, jax.tree.map(lambda x: _strided(x, microbatches), inputs))
+        strided = jax.tree.map(lambda x: _strided(x, microbatches), inputs)
+        (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(microbatches), strided))
         loss = loss / microbatches
         grads = jax.tree.map(lambda g, p: (g / microbatches).astype(p.dtype), grads, params)
     # the optimizer state covers every parameter (as tx.init(params) made it): zeros stand for the frozen ones

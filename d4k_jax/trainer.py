@@ -6,8 +6,10 @@ from the latest checkpoint in `workdir/checkpoints` (or from step 0). Each check
 dict: d4k_jax.data.input_pipeline's loader, tests/array_batches.py), the iterator's state per process plus
 the data position (records read, global batch, process count), so a resumed run sees the same data: from
 the iterator's state when the process count and global batch are the same, else from the position
-(`_restore_data`). The run's randomness is fold_in(key(seed), step): the seed in the config is the whole
-RNG state. A SIGTERM to any one process makes every process save the same step and return (`_Preemption`).
+(`_restore_data`). Under LoRA training (`base`) the state's params are the adapters alone, so the checkpoints
+hold nothing of the frozen transformer. The run's randomness is fold_in(key(seed), step): the seed in the config
+is the whole RNG state. A SIGTERM to any one process makes every process save the same step and return
+(d4k_jax/preemption.py).
 
 Batches are dicts of `image` [B, H, W, 3] (encoded by the frozen `vae` inside the step) or `x0` latents,
 plus `text` [B, T, D] and `pooled` [B, P]; `prepare(batch)` turns what the iterator yields into that
@@ -18,9 +20,7 @@ from __future__ import annotations
 
 import functools
 import json
-import signal
 import sys
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,10 +35,11 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from tqdm import tqdm
 
-from d4k_jax import flops, sharding, train_state
+from d4k_jax import flops, lora, sharding, train_state
 from d4k_jax import train_step as ts
 from d4k_jax.lagged_metrics import LaggedMetrics, StepMetrics
 from d4k_jax.metric_writers import MetricWriter
+from d4k_jax.preemption import Preemption
 
 
 class NonFiniteLoss(ValueError):
@@ -70,16 +71,25 @@ class Trainer:
         lr_schedule: optax.Schedule | None = None,
         peak_flops: float | None = None,
         trainable: Any = None,
+        base: ts.Frozen | None = None,
+        lora_dropout: float = 0.0,
     ):
         """`trainable`: the mask of trained parameters (see train_step.train_step; default
         train_step.trainable_mask); give `tx` the same one (train_step.optimizer(trainable=...)).
-        The state and the step are train_state's, which the memory benchmarks lower too."""
+        The state and the step are train_state's, which the memory benchmarks lower too.
+
+        LoRA training: `params` are the adapters (d4k_jax/lora.py, float32) and `base` the frozen transformer
+        (placed on its train shardings, in its own dtype) with the adapters' scales; the state, and so every
+        checkpoint, holds the adapters, their optimizer state and the step only."""
         self.model, self.tx, self.cfg, self.mesh, self.rules = model, tx, loss_cfg, mesh, rules
         self.key, self.nan_policy, self.lr_schedule = jax.random.key(seed), nan_policy, lr_schedule
         self.peak_flops = peak_flops or flops.peak_flops(mesh.devices.flat[0])
         self._model_flops: float | None = None
         self._records: int | None = 0  # the loader's records read so far (see _restore_data)
-        abstract = train_state.abstract_train_state(model, init_inputs, tx, mesh, rules)
+        self.base = base if base is None else _placed_base(base, model, init_inputs, mesh, rules)
+        trained = None if base is None else lora.abstract(params, self.base.params)
+        self._frozen = () if base is None else (self.base,)  # the step's last input: LoRA's frozen base
+        abstract = train_state.abstract_train_state(model, init_inputs, tx, mesh, rules, params=trained)
         self.state_sharding = train_state.shardings_of(abstract)
         self.param_sharding = self.state_sharding.params
         self.data_sharding = train_state.data_sharding(mesh)
@@ -96,6 +106,8 @@ class Trainer:
             encode_passes=encode_passes,
             trainable=trainable,
             nan_policy=nan_policy,
+            base_sharding=None if base is None else train_state.shardings_of(self.base),
+            lora_dropout=lora_dropout,
         )
         self.state = train_state.init_train_state(params, tx, abstract)
         replicated = train_state.replicated(mesh)
@@ -129,11 +141,11 @@ class Trainer:
         workdir.mkdir(parents=True, exist_ok=True)
         data = batches if hasattr(batches, "get_state") and hasattr(batches, "set_state") else None
         logged, self._records = [], 0
-        with _checkpoints(workdir, checkpoint_every, keep, data, metadata) as manager, _Preemption() as preempted:
+        with _checkpoints(workdir, checkpoint_every, keep, data, metadata) as manager, Preemption() as preempted:
             if manager.latest_step() is not None:
                 self.restore(manager, manager.latest_step(), data)
             start = int(self.state.step)
-            preempted(start)  # every process's step count starts at the restored step (see _Preemption)
+            preempted(start)  # every process's step count starts at the restored step (see Preemption)
             with (
                 MetricWriter(workdir, resume_step=start) as writer,
                 _progress_bar(start, num_steps, progress) as bar,
@@ -147,7 +159,7 @@ class Trainer:
                 for step in range(start + 1, num_steps + 1):  # the number of the step being taken
                     # records read: None after a checkpoint that did not record them (see _restore_data)
                     self._records = (start * size if self._records is None else self._records) + size
-                    self.state, metrics = self._step(self.state, batch, self.key, self.vae_params)
+                    self.state, metrics = self._step(self.state, batch, self.key, self.vae_params, *self._frozen)
                     flops = self.model_flops(batch) if self.peak_flops else 0.0
                     lagged.add(step, metrics, size=size, flops=flops)  # reads step - 1's while this one runs
                     if _due(hooks, step):
@@ -231,11 +243,16 @@ class Trainer:
             t = jax.ShapeDtypeStruct((b,), jnp.float32)
             args = [x0, t, batch["text"], batch["pooled"]] + ([t] if self.cfg.model == "flux" else [])
             args = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
-            params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.state.params)
+            shaped = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
+            variables = jax.tree.map(shaped, self.variables(self.state.params))
             with nn.logical_axis_rules(self.rules):
-                fwd = flops.forward_flops(lambda p, *a: self.model.apply({"params": p}, *a), params, *args)
+                fwd = flops.forward_flops(lambda v, *a: self.model.apply(v, *a), variables, *args)
             self._model_flops = 3 * fwd
         return self._model_flops
+
+    def variables(self, params: Any) -> dict:
+        """What the model's apply takes for the trained `params` (the state's): with a LoRA base, base + adapters."""
+        return {"params": params} if self.base is None else lora.variables(self.base.params, params, self.base.scales)
 
     def _latents_shape(self, images) -> jax.ShapeDtypeStruct:
         f = self.vae.config.downsample_factor
@@ -249,6 +266,15 @@ class Trainer:
         self.state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
         self._records = None if batches is None else _restore_data(manager, step, batches)
         logging.info("resumed from step %d", int(self.state.step))
+
+
+def _placed_base(base: ts.Frozen, model: nn.Module, init_inputs: tuple, mesh: Mesh, rules) -> ts.Frozen:
+    """The LoRA base on the mesh: its params on their train shardings (as they are, when already there: a
+    pipeline loaded with sharding=(mesh, rules)), the scales replicated."""
+    want = train_state.shardings_of(train_state.abstract_params(model, init_inputs, mesh, rules))
+    there = jax.tree.leaves(jax.tree.map(lambda a, s: getattr(a, "sharding", None) == s, base.params, want))
+    params = base.params if all(there) else jax.device_put(base.params, want)
+    return ts.Frozen(params, jax.device_put(base.scales, train_state.replicated(mesh)))
 
 
 def _checkpoints(workdir: Path, every: int, keep: int, data: Any, metadata: dict | None) -> ocp.CheckpointManager:
@@ -362,35 +388,3 @@ class _JsonState:
 
     def start_prefetch(self) -> None:
         getattr(self.iterator, "start_prefetch", lambda: None)()
-
-
-class _Preemption:
-    """SIGTERM (a preemption notice) -> `stop(step)`: True at the step at which to save and stop, the same
-    step on every process. Ask it at every step on every process, with the step number.
-
-    One process: a Python handler sets a flag for the duration of the `with` block (main thread only), then
-    the previous handler is restored. Several: JAX's preemption sync manager (orbax's `reached_preemption`),
-    which jax.distributed.initialize starts. Its C++ handler owns SIGTERM and only records it (the process
-    carries on); a thread notices within a second and tells the coordinator, and all processes agree on the
-    step after the furthest one any has asked about. A Python handler would replace the C++ one (the notice
-    would reach no process), so none is installed. Its step counts start at 0: a notice during start-up,
-    before the resumed step is asked about, names step 1 and is not acted on (the last checkpoint stands).
-    With jax_enable_preemption_service off there is no handler: SIGTERM ends the processes.
-    """
-
-    def __enter__(self) -> Callable[[int], bool]:
-        self.previous = None
-        if jax.process_count() > 1:
-            return self._synced
-        event = threading.Event()
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGTERM, lambda *_: event.set())
-        return lambda step: event.is_set()
-
-    @staticmethod
-    def _synced(step: int) -> bool:
-        return ocp.multihost.reached_preemption(step)
-
-    def __exit__(self, *exc) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)

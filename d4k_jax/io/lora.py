@@ -6,7 +6,7 @@ map, whose fused q/k/v (and single blocks' q/k/v/mlp `linear1`) split the up mat
 and whose single-block `linear2` splits the down matrix's columns. File layouts and alpha: io/lora_files.py.
 
 Each key-map rule of a Linear turns a torch weight [out, in] into kernels [in_j, out_j] that are its transposed row
-and column selections; `_selections` reads those selections off the rule itself (by running it on index arrays), so
+and column selections; `selections` reads those selections off the rule itself (by running it on index arrays), so
 that the kernel's delta is down_j @ up_j with down_j = A[:, cols_j]^T [in_j, r], up_j = B[rows_j]^T [r, out_j].
 
 Merging (`merge_lora`) checks every file against the model first (names, shapes: one ConversionError per file lists
@@ -14,7 +14,7 @@ all that does not match), then adds each kernel's low-rank delta in float32 on t
 to its dtype, in a jitted function whose output sharding is the kernel's: a sharded model is never gathered, and the
 host holds only the factors. Several files (and several modules on one kernel) concatenate along the rank, so each
 kernel is rounded once. The merge is not undone (in bf16, subtracting the delta back is not exact): to drop a LoRA,
-load the base weights again. Kept separate (unmerged) adapters, training and export are not here yet.
+load the base weights again. Kept separate (unmerged), `factors` become the "lora" collection (d4k_jax/lora.py).
 """
 
 from __future__ import annotations
@@ -60,14 +60,14 @@ class Update:
     rows: np.ndarray
 
 
-def tables(module: nn.Module, shapes: Shapes) -> tuple[dict[str, Slot], dict[str, Slot | None]]:
+def tables(module: nn.Module, shapes: Shapes, bfl: bool = True) -> tuple[dict[str, Slot], dict[str, Slot | None]]:
     """({torch Linear name: Slot}, the same with `_` for `.`; None where two names collide) of the transformer's key
-    maps: diffusers names, and for Flux the BFL single-file names too."""
+    maps: diffusers names, and for Flux (unless `bfl` is False) the BFL single-file names too."""
     kind = kind_of_module(module)
     if kind.name not in ("flux", "mmdit"):
         raise ValueError(f"LoRA files are merged into Flux and SD3 transformers, not a {type(module).__name__}")
     rules = kind.rules(module.config, shapes)
-    if kind.name == "flux":
+    if kind.name == "flux" and bfl:
         rules = rules + flux_keys.bfl_rules(module.config, shapes)
     dotted: dict[str, Slot] = {}
     for rule in rules:
@@ -98,11 +98,11 @@ def plan(lora: LoraFile, module: nn.Module, shapes: Shapes) -> list[Update]:
             continue
         (out, r), (_, n_in) = lora.source.shape(m.up), lora.source.shape(m.down)
         try:
-            selections = _selections(slot.leaf, out, n_in)
+            picked = selections(slot.leaf, out, n_in)
         except (ValueError, IndexError) as e:  # e.g. halves of an odd number of rows
             misshaped.append(f"{raw}: [out {out}, in {n_in}] does not fit {slot.leaf.src[0]} ({e})")
             continue
-        for path, (cols, rows) in zip(slot.leaf.dst, selections, strict=True):
+        for path, (cols, rows) in zip(slot.leaf.dst, picked, strict=True):
             want = tuple(shapes[path][1:] if slot.layer is not None else shapes[path])
             if (len(cols), len(rows)) != want:
                 misshaped.append(
@@ -116,12 +116,23 @@ def plan(lora: LoraFile, module: nn.Module, shapes: Shapes) -> list[Update]:
     return updates
 
 
-def _selections(leaf: Rule, out: int, n_in: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def selections(leaf: Rule, out: int, n_in: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """(torch columns, torch rows) of each kernel [in_j, out_j] that `leaf` makes from a weight [out, n_in]: the rule
     run on the row and the column index of every element (zero-stride views; float32 holds indices exactly)."""
     rows = leaf.fwd(np.broadcast_to(np.arange(out, dtype=np.float32)[:, None], (out, n_in)))
     cols = leaf.fwd(np.broadcast_to(np.arange(n_in, dtype=np.float32)[None, :], (out, n_in)))
     return [(c[:, 0].astype(np.intp), r[0, :].astype(np.intp)) for r, c in zip(rows, cols, strict=True)]
+
+
+def is_transpose(leaf: Rule, kernel: tuple[int, ...]) -> bool:
+    """Whether `leaf` makes the kernel [..., in, out] from a weight [out, in] by transposing it, nothing else (what a
+    trained adapter needs: its down and up are then peft's lora_A and lora_B, transposed)."""
+    n_in, out = kernel[-2:]
+    try:
+        ((cols, rows),) = selections(leaf, out, n_in)
+    except (ValueError, IndexError):
+        return False
+    return np.array_equal(cols, np.arange(n_in)) and np.array_equal(rows, np.arange(out))
 
 
 def factors(

@@ -10,7 +10,7 @@ one is not either, for the file's delta is alpha / r * B @ A as peft's (fold any
 Keys: `transformer.<diffusers Linear name>.lora_A.weight` [r, in] and `.lora_B.weight` [out, r], float32. The name of
 an adapter (one layer of it, in a stack) is the diffusers Linear whose key-map rule (models/flux_keys.py,
 mmdit_keys.py, the maps checkpoints load through) fills exactly that kernel (layer) with its weight, transposed and
-nothing else (io/lora.py's `_selections` checks the selection is the identity); an adapter with no such name (Flux
+nothing else (io/lora.py's `is_transpose`); an adapter with no such name (Flux
 single blocks' proj_out_attn / proj_out_mlp: diffusers' proj_out is one Linear over both) or a shape that does not fit
 its kernel is an error, all of them listed in one ConversionError.
 
@@ -46,7 +46,7 @@ from jax.experimental import multihost_utils
 
 from d4k_jax import distributed
 from d4k_jax.io.components import kind_of_module
-from d4k_jax.io.lora import KeyPath, _selections, tables
+from d4k_jax.io.lora import KeyPath, is_transpose, tables
 from d4k_jax.io.lora_files import METADATA_KEY
 from d4k_jax.io.safetensors_io import save_file
 from d4k_jax.models.keymap import ConversionError, Shapes
@@ -127,7 +127,7 @@ def plan_export(
         stacked = len(kernel) == 3
         scale = np.asarray(scales[p]) if p in scales else np.ones(kernel[:1] if stacked else ())
         layers = [int(i) for i in np.flatnonzero(scale)] if stacked else ([None] if scale != 0 else [])
-        no_name = [layer for layer in layers if (p, layer) not in names or not _identity(names[p, layer][1], kernel)]
+        no_name = [layer for layer in layers if (p, layer) not in names or not is_transpose(names[p, layer][1], kernel)]
         if no_name:
             at = f" layer{'s' * (len(no_name) > 1)} {', '.join(map(str, no_name))}" if stacked else ""
             unexpected.append(f"{where}{at} (no diffusers Linear is exactly this kernel{_why(p)})")
@@ -173,16 +173,6 @@ def _diffusers_names(module: nn.Module, shapes: Shapes) -> dict[tuple[KeyPath, i
         if f"{name}.weight" in diffusers and len(slot.leaf.dst) == 1 and slot.leaf.dst[0][-1] == "kernel":
             out[slot.leaf.dst[0][:-1], slot.layer] = (name, slot.leaf)
     return out
-
-
-def _identity(leaf: Any, kernel: tuple[int, ...]) -> bool:
-    """Whether `leaf` makes the kernel [in, out] from a weight [out, in] by transposing it, nothing else."""
-    n_in, out = kernel[-2:]
-    try:
-        ((cols, rows),) = _selections(leaf, out, n_in)
-    except (ValueError, IndexError):
-        return False
-    return np.array_equal(cols, np.arange(n_in)) and np.array_equal(rows, np.arange(out))
 
 
 def _shape_problem(kernel: tuple[int, ...], leaves: Mapping[str, tuple[int, ...]]) -> str | None:

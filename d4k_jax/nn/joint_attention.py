@@ -54,6 +54,12 @@ def fused_dense(x: jax.Array, fused: tuple[jax.Array, jax.Array, list[int]]) -> 
     return jnp.split(y, np.cumsum(widths)[:-1].tolist(), axis=-1)
 
 
+def _with_adapters(x: jax.Array, ys: list[jax.Array], layers: Sequence[Dense]) -> list[jax.Array]:
+    """Each fused slice y [B, L, N, C] plus its Dense's LoRA adapter term (nn.linear), where it has one."""
+    terms = [layer.adapter(x) for layer in layers]
+    return [y if a is None else y + a.reshape(y.shape) for y, a in zip(ys, terms, strict=True)]
+
+
 class JointAttention(nn.Module):
     """Names follow diffusers: to_q/k/v, norm_q/k, add_{q,k,v}_proj, norm_added_q/k, to_out_0, to_add_out.
 
@@ -105,7 +111,7 @@ class JointAttention(nn.Module):
             layers = [*denses, extra] if joins else denses
             weights = [layer.weights(xs[0].shape[-1]) for layer in layers]
             fused = fused_kernel(weights, self.heads, self.dtype)  # once: XLA would gather it per stream (FSDP)
-            return [one(x, lambda x: fused_dense(x, fused)) for x in xs]
+            return [one(x, lambda x: _with_adapters(x, fused_dense(x, fused), layers)) for x in xs]
 
         return streams
 

@@ -1,12 +1,41 @@
-"""Dense layer with logical axis names on its parameters."""
+"""Dense layer with logical axis names on its parameters, and its optional low-rank (LoRA) adapter term.
+
+Adapters are a separate variable collection, "lora", that `Dense` reads when it is given: per adapted layer
+{"down": [in, r], "up": [r, out], "scale": []} (inside nn.scan each with the leading layer axis), and then
+y = x W + b + scale * ((dropout(x) @ down) @ up), peft's order (dropout on the adapter's input only), in the
+layer's compute dtype. Without a "lora" collection the program is exactly the plain layer's. The model-level
+side (which layers, initialisation, shardings, files) is d4k_jax/lora.py.
+
+The adapter dropout rate is a trace-time setting, as nn.logical_axis_rules is: `with lora_dropout(rate):`
+around the apply (with a "dropout" rng), so that no module field or config of the models changes for it.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+LORA = "lora"  # the adapters' variable collection
+_DROPOUT = contextvars.ContextVar("lora_dropout", default=0.0)
+
+
+@contextlib.contextmanager
+def lora_dropout(rate: float) -> Iterator[None]:
+    """Dropout at `rate` on every adapter's input while tracing inside the block (apply with rngs={"dropout": key});
+    0 (the default, and at sampling): none."""
+    if not 0 <= rate < 1:
+        raise ValueError(f"LoRA dropout must be in [0, 1), got {rate}")
+    token = _DROPOUT.set(float(rate))
+    try:
+        yield
+    finally:
+        _DROPOUT.reset(token)
 
 
 class Dense(nn.Module):
@@ -14,7 +43,7 @@ class Dense(nn.Module):
 
     `weights(in_features)` declares and returns the parameters alone: a caller that fuses several Dense layers'
     matmuls into one (nn.joint_attention under fused_qkv) reads them there, so the parameter tree (names,
-    shapes, logical axes) is the same whichever way the layer is computed.
+    shapes, logical axes) is the same whichever way the layer is computed; it adds `adapter(x)` to its slice.
     """
 
     features: int
@@ -42,7 +71,22 @@ class Dense(nn.Module):
         )
         return kernel, bias
 
+    def adapter(self, x: jax.Array) -> jax.Array | None:
+        """scale * ((dropout(x) @ down) @ up) [..., features] in the compute dtype, or None: no adapter here."""
+        if not self.has_variable(LORA, "down"):
+            return None
+        down, up, scale = (self.get_variable(LORA, n) for n in ("down", "up", "scale"))
+        x = x.astype(self.dtype)
+        rate = _DROPOUT.get()
+        if rate:
+            keep = jax.random.bernoulli(self.make_rng("dropout"), 1 - rate, x.shape)
+            x = jnp.where(keep, x / jnp.asarray(1 - rate, self.dtype), jnp.zeros((), self.dtype))
+        h = jnp.einsum("...i,ir->...r", x, down.astype(self.dtype))
+        return jnp.einsum("...r,ro->...o", h, up.astype(self.dtype)) * scale.astype(self.dtype)
+
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel, bias = self.weights(x.shape[-1])
         y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype))
-        return y if bias is None else y + bias.astype(self.dtype)
+        y = y if bias is None else y + bias.astype(self.dtype)
+        low_rank = self.adapter(x)
+        return y if low_rank is None else y + low_rank

@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax
 
 from d4k_jax.nn.attention import ATTENTION_OUT
+from d4k_jax.nn.linear import LORA
 
 # The primitive that the forward rule of jax's cuDNN attention (jax.nn.dot_product_attention(implementation="cudnn"))
 # binds; its outputs are the attention output O [B, L, N, K] and the softmax statistics [B, N, L] (float32), which,
@@ -63,8 +64,8 @@ def stack(block: type[nn.Module], length: int, *, remat: str = "none", num_broad
     """
     return nn.scan(
         rematerialize(block, remat, in_scan=True),
-        variable_axes={"params": 0},
-        split_rngs={"params": True},
+        variable_axes={"params": 0, LORA: 0},  # LoRA adapters (nn.linear), when given, are stacked like the params
+        split_rngs={"params": True, "dropout": True},  # the adapters' dropout differs per layer
         in_axes=(nn.broadcast,) * num_broadcast,
         length=length,
         metadata_params={nn.PARTITION_NAME: "layers"},

@@ -16,7 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from flax import traverse_util
 
+from d4k_jax import lora as lora_adapters
 from d4k_jax.diffusion.flow import SchedulerConfig
 from d4k_jax.io import class_name, kind_for, load_component, load_config, lora
 from d4k_jax.models import vae_keys
@@ -97,6 +99,7 @@ class Pipeline(abc.ABC):
     uses_negative_prompt: ClassVar[bool] = False  # classifier-free guidance with a negative prompt
     transformer: Component
     vae: Component
+    adapters: Any = None  # LoRA adapters kept separate (load_lora_weights(merge=False)): the "lora" collection
 
     @classmethod
     def from_pretrained(
@@ -122,15 +125,30 @@ class Pipeline(abc.ABC):
         vae = component(vae) or load(path, "vae", dtype, **vae_opts)
         return cls(transformer=transformer, vae=vae, scheduler=scheduler, **cls.text_components(path, dtype))
 
-    def load_lora_weights(self, path: str | os.PathLike, scale: float = 1.0) -> None:
-        """Merges a LoRA file into the transformer's params at `scale` (diffusers / peft or kohya safetensors; see
-        d4k_jax/io/lora.py), on their shardings and in their dtype; repeated calls add. In place, as diffusers'
-        fuse_lora: the changed params' buffers are reused, so arrays of the old params held elsewhere are deleted.
-        A merge is not undone (in bf16, subtracting it back is not exact): to drop a LoRA, load the pipeline again."""
+    def load_lora_weights(self, path: str | os.PathLike, scale: float = 1.0, merge: bool = True) -> None:
+        """Applies a LoRA file to the transformer at `scale` (diffusers / peft or kohya safetensors; see
+        d4k_jax/io/lora.py); repeated calls add. merge=True merges it into the params, on their shardings and in
+        their dtype, in place as diffusers' fuse_lora: the changed params' buffers are reused, so arrays of the old
+        params held elsewhere are deleted; a merge is not undone (in bf16, subtracting it back is not exact).
+        merge=False keeps it separate (`adapters`, the "lora" collection of d4k_jax/lora.py, in float32 beside the
+        kernels): the params are untouched and each step computes the low-rank terms; files concatenate."""
         module, params = self.transformer
         if params is None:
             raise ValueError("the transformer has no params yet: set them before loading a LoRA")
-        self.transformer = Component(module, lora.merge_lora(module, params, [(path, scale)], donate=True))
+        if merge:
+            self.transformer = Component(module, lora.merge_lora(module, params, [(path, scale)], donate=True))
+            return
+        shapes = {p: tuple(a.shape) for p, a in traverse_util.flatten_dict(params).items()}
+        file = lora.read_lora_file(path)
+        planned = [(file, float(scale), lora.plan(file, module, shapes))]
+        added = lora_adapters.place(lora_adapters.from_factors(lora.factors(planned, shapes)), params)
+        self.adapters = lora_adapters.concatenate(self.adapters, added)
+
+    def transformer_variables(self, params: Any = None) -> dict:
+        """What the transformer's apply takes: {"params": ...} (the transformer's, or `params`) and the kept-separate
+        LoRA `adapters` as the "lora" collection, if any."""
+        params = self.transformer.params if params is None else params
+        return {"params": params} if not self.adapters else {"params": params, "lora": self.adapters}
 
     @classmethod
     @abc.abstractmethod

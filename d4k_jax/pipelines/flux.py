@@ -103,7 +103,7 @@ class FluxPipeline(base.Pipeline):
         sigmas, timesteps = flux_schedule(num_inference_steps, (h // 2) * (w // 2), self.scheduler)
         guidance = jnp.full((len(prompts),), guidance_scale, jnp.float32) if module.config.guidance_embeds else None
         images = self._sample(
-            self.transformer.params,
+            self.transformer_variables(),
             self.vae.params,
             latents,
             text,
@@ -119,14 +119,14 @@ def _encode(clip, t5, clip_params, t5_params, clip_ids, t5_ids):
     return flux_conditioning(base.Component(clip, clip_params), clip_ids, base.Component(t5, t5_params), t5_ids)
 
 
-def _sample(module, vae, params, vae_params, latents, text, pooled, guidance, sigmas, timesteps):
+def _sample(module, vae, variables, vae_params, latents, text, pooled, guidance, sigmas, timesteps):
     b = latents.shape[0]
 
     def velocity(x, i):
         x = nn.with_logical_constraint(x, base.LATENTS)
         # as FluxPipeline: t in the latents' dtype, divided by 1000 (the transformer multiplies back)
         t = jnp.broadcast_to(timesteps[i].astype(x.dtype) / 1000, (b,))
-        return module.apply({"params": params}, x, t, text, pooled, guidance)
+        return module.apply(variables, x, t, text, pooled, guidance)
 
     latents = nn.with_logical_constraint(latents, base.LATENTS)
     return base.decode(vae, vae_params, euler_sample(velocity, latents, sigmas))

@@ -131,7 +131,7 @@ class SD3Pipeline(base.Pipeline):
         patch = self.transformer.module.config.patch_size  # the pipeline's image_seq_len for a dynamic shift
         sigmas, timesteps = sd3_schedule(num_inference_steps, self.scheduler, (h // patch) * (w // patch))
         images = self._sample(
-            self.transformer.params,
+            self.transformer_variables(),
             self.vae.params,
             latents,
             text,
@@ -157,12 +157,12 @@ def _encode(clip_l, clip_g, t5, t5_width, clip_l_params, clip_g_params, t5_param
     )
 
 
-def _sample(module, vae, params, vae_params, latents, text, pooled, scale, sigmas, timesteps, *, cfg):
+def _sample(module, vae, variables, vae_params, latents, text, pooled, scale, sigmas, timesteps, *, cfg):
     def velocity(x, i):
         x = nn.with_logical_constraint(x, base.LATENTS)
         xin = jnp.concatenate([x, x]) if cfg else x
         t = jnp.broadcast_to(timesteps[i], (xin.shape[0],))  # float32, as the pipeline passes it
-        v = module.apply({"params": params}, xin, t, text, pooled)
+        v = module.apply(variables, xin, t, text, pooled)
         if not cfg:
             return v
         uncond, cond = jnp.split(v, 2)
