@@ -35,7 +35,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from tqdm import tqdm
 
-from d4k_jax import flops, lora, sharding, train_state
+from d4k_jax import checkpoint, flops, lora, sharding, train_state
 from d4k_jax import train_step as ts
 from d4k_jax.lagged_metrics import LaggedMetrics, StepMetrics
 from d4k_jax.metric_writers import MetricWriter
@@ -281,6 +281,7 @@ def _checkpoints(workdir: Path, every: int, keep: int, data: Any, metadata: dict
     """The manager of workdir/checkpoints: item "state" (the TrainState, orbax's standard handler) and, for an
     iterator with get_state / set_state (`data`), items "data" (grain's handler: one JSON file per process)
     and "position" (one JSON: records read, global batch, process count; see _restore_data)."""
+    checkpoint.write_small_arrays_whole()
     handlers = {"state": ocp.StandardCheckpointHandler()}
     if data is not None:
         handlers |= {"data": grain.checkpoint.CheckpointHandler(), "position": ocp.JsonCheckpointHandler()}
