@@ -31,9 +31,7 @@ from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec
 
 from d4k_jax.io import lora as lora_io
-from d4k_jax.io.components import kind_for
-from d4k_jax.io.load import load_config
-from d4k_jax.models.keymap import Shapes, param_shapes
+from d4k_jax.models.keymap import Shapes
 from d4k_jax.nn.linear import LORA
 
 KeyPath = tuple[str, ...]
@@ -233,13 +231,7 @@ def train_problems(c: Any, transformer_folder: str | os.PathLike | None) -> list
     """`config_problems` of `train.lora` against the transformer of `transformer_folder` (its config.json only)."""
     module = shapes = None
     if c and c.get("rank") and transformer_folder:
-        try:
-            cfg = load_config(transformer_folder)
-            kind = kind_for(cfg, str(transformer_folder))
-            module = kind.build(kind.config_from(cfg))
-            shapes = param_shapes(module, kind.init_inputs(module.config))
-        except (ValueError, OSError):
-            pass  # the pipeline folder's own problems are reported where it is checked
+        module, shapes = lora_io.transformer_shapes(transformer_folder)
     return config_problems(c, module, shapes)
 
 

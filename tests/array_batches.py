@@ -30,3 +30,20 @@ class ArrayBatches:
         idx = order[j * self.batch_size : (j + 1) * self.batch_size]
         self.i += 1
         return {k: v[idx] for k, v in self.data.items()}
+
+
+class Killed(Exception):
+    """What DiesAt raises: stands for the process being killed."""
+
+
+class DiesAt(ArrayBatches):
+    """Dies (as a killed run does) when asked for batch `at`: the steps before it are logged, not saved."""
+
+    def __init__(self, data, batch_size, at):
+        super().__init__(data, batch_size)
+        self.at = at
+
+    def __next__(self):
+        if self.i == self.at:
+            raise Killed
+        return super().__next__()

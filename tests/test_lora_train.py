@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from array_batches import ArrayBatches
+from array_batches import ArrayBatches, DiesAt, Killed
 from conftest import MODEL_TOL, rel_err
 from flax import traverse_util
 from helpers import save_component
@@ -87,21 +87,6 @@ def test_adapter_dropout_is_on_the_adapter_input_only(tmp_path):
         pass
 
 
-class _Killed(Exception):
-    pass
-
-
-class _DiesAt(ArrayBatches):
-    def __init__(self, data, batch_size, at):
-        super().__init__(data, batch_size)
-        self.at = at
-
-    def __next__(self):
-        if self.i == self.at:
-            raise _Killed
-        return super().__next__()
-
-
 @pytest.fixture(scope="module")
 def lora_trainer(tmp_path_factory):
     """A LoRA trainer (rank 4 on the default targets, bf16 base, 2 devices) and a way back to its initial state:
@@ -161,8 +146,8 @@ def test_lora_run_learns_and_checkpoints_only_the_adapters(lora_trainer, tmp_pat
 def test_lora_resume_gives_the_uninterrupted_losses(lora_trainer, tmp_path):
     data = _data(8)
     a = lora_trainer().fit(ArrayBatches(data, 4), tmp_path / "a", 6, checkpoint_every=3, progress=False)
-    with pytest.raises(_Killed):
-        lora_trainer().fit(_DiesAt(data, 4, at=5), tmp_path / "b", 6, checkpoint_every=3, progress=False)
+    with pytest.raises(Killed):
+        lora_trainer().fit(DiesAt(data, 4, at=5), tmp_path / "b", 6, checkpoint_every=3, progress=False)
     resumed = lora_trainer().fit(ArrayBatches(data, 4), tmp_path / "b", 6, checkpoint_every=3, progress=False)
     assert [r["step"] for r in resumed] == [4, 5, 6]
     np.testing.assert_allclose([r["loss"] for r in resumed], [r["loss"] for r in a[3:]], rtol=1e-5)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from array_batches import ArrayBatches
+from array_batches import ArrayBatches, DiesAt, Killed
 from helpers import save_component, sequence_degrees
 from torch_flux import make_flux
 
@@ -59,23 +59,6 @@ def fresh_trainer(flux):
     return fresh
 
 
-class _Killed(Exception):
-    pass
-
-
-class _DiesAt(ArrayBatches):
-    """Dies (as a killed run does) when asked for batch `at`: the steps before it are logged, not saved."""
-
-    def __init__(self, data, batch_size, at):
-        super().__init__(data, batch_size)
-        self.at = at
-
-    def __next__(self):
-        if self.i == self.at:
-            raise _Killed
-        return super().__next__()
-
-
 class _NanAt(ArrayBatches):
     """Batch `at` (counted from 1) holds a NaN."""
 
@@ -98,8 +81,8 @@ def test_resume_gives_the_uninterrupted_losses(flux, tmp_path, capsys):
     assert all(0 < r["mfu"] < 1 for r in a)  # logged where the device peak is known (here: given)
     assert "/6 [" not in capsys.readouterr().err  # no bar when not wanted
     # killed before step 6: steps 4 and 5 are logged but the last checkpoint is step 3's
-    with pytest.raises(_Killed):
-        _trainer(flux).fit(_DiesAt(data, 8, at=5), tmp_path / "b", 6, checkpoint_every=3)
+    with pytest.raises(Killed):
+        _trainer(flux).fit(DiesAt(data, 8, at=5), tmp_path / "b", 6, checkpoint_every=3)
     capsys.readouterr()
     # resumed on 4 devices: restoring onto a different device count works too
     resumed = _trainer(flux, devices=4).fit(ArrayBatches(data, 8), tmp_path / "b", 6, checkpoint_every=3)

@@ -227,19 +227,24 @@ def parse_spec(spec: str | None) -> list[tuple[str, float]]:
     return out
 
 
+def transformer_shapes(folder: str | os.PathLike) -> tuple[nn.Module | None, Shapes | None]:
+    """(module, param shapes) of the transformer in `folder` from its config.json alone (no weights read); (None,
+    None) when it cannot be read, a problem reported where the pipeline folder is checked."""
+    try:
+        cfg = load_config(folder)
+        kind = kind_for(cfg, str(folder))
+        module = kind.build(kind.config_from(cfg))
+        return module, param_shapes(module, kind.init_inputs(module.config))
+    except (ValueError, OSError):
+        return None, None
+
+
 def spec_problems(spec: str | None, transformer_folder: str | os.PathLike) -> list[str]:
     """What is wrong with a `--config.lora` value for the transformer of `transformer_folder` (its config.json:
     no weights are read): each file must exist and match the model's names and shapes."""
-    problems, module, shapes = [], None, None
     if not parse_spec(spec):
         return []
-    try:
-        cfg = load_config(transformer_folder)
-        kind = kind_for(cfg, str(transformer_folder))
-        module = kind.build(kind.config_from(cfg))
-        shapes = param_shapes(module, kind.init_inputs(module.config))
-    except (ValueError, OSError):
-        pass  # the pipeline folder's own problems are reported where it is checked
+    problems, (module, shapes) = [], transformer_shapes(transformer_folder)
     for path, _ in parse_spec(spec):
         try:
             lora = read_lora_file(path)
