@@ -512,13 +512,17 @@ def lora_memory(args) -> None:
     targets = lora.resolve(module, shapes, tuple(args.targets.split(",")) if args.targets else lora.DEFAULT_TARGETS)
     cfg, tx, gib = ts.LossConfig(model=args.model), ts.optimizer(lr=1e-4), lambda b: b / 2**30
     batch = {
-        "image": jax.ShapeDtypeStruct((args.batch, s, s, 3), jnp.uint8),
         "text": jax.ShapeDtypeStruct((args.batch, text_len, 4096), dtype),
         "pooled": jax.ShapeDtypeStruct((args.batch, pooled), dtype),
     }
+    if args.latents:  # precomputed F16 latents (a latent cache): no VAE in the step
+        batch["x0"], vae, vae_params = jax.ShapeDtypeStruct((args.batch, s // 16, s // 16, 16), jnp.float32), None, None
+    else:
+        batch["image"] = jax.ShapeDtypeStruct((args.batch, s, s, 3), jnp.uint8)
     print(
         f"{args.model} LoRA train step at {s}² on one {jax.devices()[0].device_kind} ({jax.default_backend()}): batch "
-        f"{args.batch}, text {text_len}x4096, base {dtype} frozen, adapters fp32 + AdamW fp32 on {len(targets)} "
+        f"{args.batch} ({'latents' if args.latents else 'images encoded in the step'}), text {text_len}x4096, "
+        f"base {dtype} frozen, adapters fp32 + AdamW fp32 on {len(targets)} "
         f"Linears ({', '.join(args.targets.split(',')) if args.targets else 'default targets'}), remat "
         f"{args.remat!r}, budget {args.budget / 1e9:.1f} GB ({gib(args.budget):.2f} GiB)",
         flush=True,
@@ -629,6 +633,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=1, help="images per step (one per encode pass and microbatch)")
     p.add_argument("--text_len", type=int, default=0, help="default: 154 (SD3), 77 (Flux)")
     p.add_argument("--ranks", type=_ints, default=[16, 64])
+    p.add_argument("--latents", action="store_true", help="batches of precomputed latents: no VAE encode in the step")
     p.add_argument("--targets", default="", help="peft module names, commas; default the diffusers scripts'")
     p.add_argument("--remat", default="full")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute and base dtype")
