@@ -6,11 +6,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint format clean
 
+# --no-compile: pip would byte-compile every installed module (a minute on 2 cores, most never imported); Python
+# compiles what is imported, once, on first import.
 $(STAMP): requirements.txt requirements-test.txt requirements-test-nodeps.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -r requirements-test.txt
-	$(PY) -m pip install -q --no-deps -c constraints.txt -r requirements-test-nodeps.txt
+	$(PY) -m pip install -q --no-compile -c constraints.txt -r requirements-test.txt
+	$(PY) -m pip install -q --no-compile --no-deps -c constraints.txt -r requirements-test-nodeps.txt
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 

@@ -59,18 +59,23 @@ def test_saved_jpegs_are_measured_as_they_are_and_unreadable_files_skipped(tmp_p
 
 
 @pytest.mark.skipif(not torch_fidelity_ref.AVAILABLE, reason=torch_fidelity_ref.SKIP_REASON)
-def test_fid_against_a_reference_folder_with_cached_statistics(tmp_path):
+def test_fid_against_a_reference_folder_with_cached_statistics(tmp_path, monkeypatch):
+    """The network sees exactly the generated images and the reference ones center-cropped to their size, and the
+    FID is fid() of its features (recorded as it runs: a second pass of InceptionV3 costs a minute of CPU here)."""
     weights = str(pickled.to_safetensors(torch_fidelity_ref.random_inception_file(tmp_path / "inception.pth")))
     root, images = _folder(tmp_path / "gen", n=3, size=64)
     real, real_images = _folder(tmp_path / "real", n=4, size=96, seed=1)  # cropped to the generated size
     cache = tmp_path / "ref.npz"
     kw = dict(reference=str(real / "metadata.jsonl"), reference_cache=str(cache))
+    seen, call = [], InceptionFeatures.__call__
+    monkeypatch.setattr(InceptionFeatures, "__call__", lambda net, x: seen.append((x, call(net, x))) or seen[-1][1])
     report = evaluate.evaluate(str(root), ["fid"], suite.Weights(fid=weights), **kw)
-    net = InceptionFeatures.from_file(weights, batch_size=8)  # evaluate's batch: its compiled programs again
+    inputs, features = (np.concatenate([np.asarray(pair[i]) for pair in seen]) for i in (0, 1))
     a, b = FeatureStats(), FeatureStats()
-    a.update(np.asarray(net(np.stack(images))))
-    b.update(np.asarray(net(np.stack([center_crop(Image.fromarray(im), 64) for im in real_images]))))
-    assert report["metrics"]["fid"]["value"] == pytest.approx(fid(a, b), rel=1e-6)
+    for stats, want in ((a, images), (b, [center_crop(Image.fromarray(im), 64) for im in real_images])):
+        rows = [next(i for i, x in enumerate(inputs) if np.array_equal(x, w)) for w in want]
+        stats.update(features[rows])
+    assert len(inputs) == 7 and report["metrics"]["fid"]["value"] == pytest.approx(fid(a, b), rel=1e-6)
     assert cache.is_file()
     again = evaluate.evaluate(str(root), ["fid"], suite.Weights(fid=weights), reference="", reference_cache=str(cache))
     assert again["metrics"]["fid"]["value"] == pytest.approx(report["metrics"]["fid"]["value"], rel=1e-9)

@@ -18,7 +18,7 @@ from d4k_jax.data import aesthetic4k, demo, input_pipeline
 from d4k_jax.io import load_component
 
 ROOT = Path(__file__).resolve().parent.parent
-STEPS, SIGTERM_AFTER = 5, 1  # SIGTERM to process 1 at step 1: both save step 2 (tests/preempt_train.py)
+STEPS, SIGTERM_AFTER = 4, 1  # SIGTERM to process 1 at step 1: both save step 2 (tests/preempt_train.py)
 
 
 @pytest.fixture(scope="module")

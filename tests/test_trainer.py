@@ -73,19 +73,21 @@ class _NanAt(ArrayBatches):
         return batch
 
 
-def test_resume_gives_the_uninterrupted_losses(flux, tmp_path, capsys):
+def test_resume_gives_the_uninterrupted_losses(flux, fresh_trainer, tmp_path, capsys):
     data = _data(n=16)
-    a = _trainer(flux, peak_flops=1e12).fit(
-        ArrayBatches(data, 8), tmp_path / "a", 6, checkpoint_every=3, progress=False
-    )
+    trainer = _trainer(flux, peak_flops=1e12)
+    initial = jax.tree.map(jnp.copy, trainer.state)  # the step donates its state
+    a = trainer.fit(ArrayBatches(data, 8), tmp_path / "a", 6, checkpoint_every=3, progress=False)
     assert all(0 < r["mfu"] < 1 for r in a)  # logged where the device peak is known (here: given)
     assert "/6 [" not in capsys.readouterr().err  # no bar when not wanted
-    # killed before step 6: steps 4 and 5 are logged but the last checkpoint is step 3's
+    # the same trainer from its first state, killed before step 6: steps 4 and 5 are logged but the last checkpoint
+    # is step 3's
+    trainer.state = initial
     with pytest.raises(Killed):
-        _trainer(flux).fit(DiesAt(data, 8, at=5), tmp_path / "b", 6, checkpoint_every=3)
+        trainer.fit(DiesAt(data, 8, at=5), tmp_path / "b", 6, checkpoint_every=3)
     capsys.readouterr()
-    # resumed on 4 devices: restoring onto a different device count works too
-    resumed = _trainer(flux, devices=4).fit(ArrayBatches(data, 8), tmp_path / "b", 6, checkpoint_every=3)
+    # resumed on 2 devices (the fixture's trainer): restoring onto a different device count works too
+    resumed = fresh_trainer().fit(ArrayBatches(data, 8), tmp_path / "b", 6, checkpoint_every=3)
     assert [r["step"] for r in resumed] == [4, 5, 6]
     np.testing.assert_allclose([r["loss"] for r in resumed], [r["loss"] for r in a[3:]], rtol=1e-5)
     lines = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]

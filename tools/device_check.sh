@@ -8,6 +8,7 @@
 #   PARTS=levers bash tools/device_check.sh     # fused q/k/v and the Mosaic-GPU attention, sampling + training
 #   PARTS=flags bash tools/device_check.sh      # each xla_flags.CANDIDATES entry alone, then the project's set
 #   PARTS=baselines bash tools/device_check.sh  # diffusers in torch, and the degree-1 path vs commit 3228995
+#   PARTS=lora bash tools/device_check.sh       # issue 17: the 4096² LoRA step's memory on one GPU (~2 min)
 #   PARTS="attention sample_sd3" bash ...       # any list of the part names below
 #
 # Before the run, on the CPU machine: the device image has its own jax; carry flax/optax/... wheels in .whl/
@@ -93,6 +94,10 @@ part() {
             ${DRY:-} --out $OUT/baseline_3228995.jsonl"
         done
       else echo "== baseline: no .baseline/ (see the header)" | tee -a "$OUT/log.txt"; fi ;;
+    # issue 17: the 4096² LoRA train step's compiled memory on one GPU (the CPU analysis holds an fp32 copy of the
+    # bf16 base; BENCHMARKS.md "LoRA training at 4096²"): does FLUX.1-dev fit one 80 GB device?
+    lora_memory) run 150 python3 -m tools.bench lora_memory --model=flux --ranks=16,64 --latents
+      run 100 python3 -m tools.bench lora_memory --model=sd3 --ranks=16,64 ;;
     *) echo "== unknown part $1" | tee -a "$OUT/log.txt" ;;
   esac
 }
@@ -102,6 +107,7 @@ case ${PARTS:-core} in
   levers) PARTS="sample_sd3_fused sample_sd3_mgpu sample_flux_fused sample_flux_mgpu train_save_fused train_save_mgpu" ;;
   flags) PARTS="flags train_flags" ;;
   baselines) PARTS="torch baseline train_full_latents train_flux_smoke" ;;
+  lora) PARTS="lora_memory" ;;
 esac
 for p in $PARTS; do part "$p"; done
 echo "== results ($SECONDS s)" && cat "$OUT/results.jsonl" "$OUT/baseline_3228995.jsonl" 2>/dev/null
