@@ -5,8 +5,7 @@ on one device and spatially sharded over `--devices` (fake CPU devices are enoug
 train_memory: the same for the whole SD3-medium / FLUX.1-dev train step at 4096² (images encoded by the
 frozen VAE inside it, AdamW), FSDP over n devices, smallest n that fits `--budget` bytes per device:
 `python -m tools.bench train_memory --model=sd3|flux [--devices=1,2,4,8] [--all]`.
-lora_memory: the same for the LoRA train step (frozen bf16 transformer, fp32 adapters) on one device, per rank:
-`python -m tools.bench lora_memory --model=sd3|flux [--ranks=16,64]`.
+(The LoRA train step's memory: tools/lora_bench.py.)
 """
 
 from __future__ import annotations
@@ -312,7 +311,19 @@ def tiny_train_step(args) -> None:
 
 
 def train_step_lowered(
-    module, small, tx, cfg, mesh, batch: dict, *, vae=None, vae_small=None, encode_passes=1, microbatches=1
+    module,
+    small,
+    tx,
+    cfg,
+    mesh,
+    batch: dict,
+    *,
+    vae=None,
+    vae_small=None,
+    encode_passes=1,
+    microbatches=1,
+    trained=None,
+    base=None,
 ):
     """The Trainer's jitted train step (d4k_jax.train_state: the same state shardings, in/out shardings,
     donation and "finite" metric) lowered from abstract shapes, nothing allocated.
@@ -320,8 +331,9 @@ def train_step_lowered(
     `small` are inputs that `module.init` accepts; `batch` maps "image" (or "x0"), "text" and "pooled" to
     global ShapeDtypeStructs. A frozen `vae` (its parameter shapes from `vae.init(key, *vae_small)`,
     replicated as the Trainer places them) encodes images inside the step in `encode_passes` passes. Rules:
-    sharding.DEFAULT_RULES; nan_policy 'stop'. Returns (lowered, abstract state); the state's leaves carry
-    their shardings.
+    sharding.DEFAULT_RULES; nan_policy 'stop'. LoRA: `trained` the abstract adapters (d4k_jax.lora.abstract) and
+    `base` the frozen train_step.Frozen of ShapeDtypeStructs with shardings. Returns (lowered, abstract state); the
+    state's leaves carry their shardings.
     """
     import flax.linen as nn
     import jax
@@ -329,7 +341,7 @@ def train_step_lowered(
     from d4k_jax import sharding, train_state
 
     rules = sharding.DEFAULT_RULES
-    state = train_state.abstract_train_state(module, small, tx, mesh, rules)
+    state = train_state.abstract_train_state(module, small, tx, mesh, rules, params=trained)
     step = train_state.make_train_step(
         module,
         tx,
@@ -340,9 +352,10 @@ def train_step_lowered(
         vae=vae,
         microbatches=microbatches,
         encode_passes=encode_passes,
+        base_sharding=None if base is None else train_state.shardings_of(base),
     )
     vae_params = nn.unbox(jax.eval_shape(vae.init, jax.random.key(0), *vae_small))["params"] if vae else None
-    return train_state.lower_train_step(step, mesh, state, batch, vae_params), state
+    return train_state.lower_train_step(step, mesh, state, batch, vae_params, base=base), state
 
 
 def _per_device_bytes(tree) -> int:
@@ -480,90 +493,6 @@ def train_memory(args) -> None:
             break
 
 
-def lora_memory(args) -> None:
-    """Compiled per-device memory of the LoRA train step (issue 17) at args.size² on ONE device, for each rank in
-    args.ranks: the transformer frozen in the compute dtype (a step input, no gradient, no moments), float32
-    adapters (d4k_jax.lora, the diffusers scripts' default targets unless --targets) with AdamW, images encoded
-    inside the step by the frozen F16 VAE, WLF loss; the Trainer's step (train_state), lowered from shapes alone."""
-    import dataclasses
-
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-    from flax import traverse_util
-
-    from d4k_jax import lora, sharding, train_state
-    from d4k_jax import train_step as ts
-    from d4k_jax.models import vae as vae_lib
-    from d4k_jax.nn import attention
-
-    if args.attention_chunk:
-        attention.dot_product_attention.__kwdefaults__["chunk_size"] = args.attention_chunk
-    dtype, sd3, s = jnp.dtype(args.dtype), args.model == "sd3", args.size
-    text_len, pooled = args.text_len or (154 if sd3 else 77), 2048 if sd3 else 768
-    module, _, small = _full_size(args.model, 1, s, text_len, dtype, args.remat)  # the base stored in `dtype`
-    vae = vae_lib.AutoencoderKL(
-        dataclasses.replace(vae_lib.SD3_VAE if sd3 else vae_lib.FLUX_VAE, stride=2), dtype=dtype, param_dtype=dtype
-    )
-    vae_params = nn.unbox(jax.eval_shape(vae.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3), dtype)))["params"]
-    rules, mesh = sharding.DEFAULT_RULES, sharding.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
-    base_params = train_state.abstract_params(module, small, mesh, rules)
-    shapes = {p: tuple(x.shape) for p, x in traverse_util.flatten_dict(base_params).items()}
-    targets = lora.resolve(module, shapes, tuple(args.targets.split(",")) if args.targets else lora.DEFAULT_TARGETS)
-    cfg, tx, gib = ts.LossConfig(model=args.model), ts.optimizer(lr=1e-4), lambda b: b / 2**30
-    batch = {
-        "text": jax.ShapeDtypeStruct((args.batch, text_len, 4096), dtype),
-        "pooled": jax.ShapeDtypeStruct((args.batch, pooled), dtype),
-    }
-    if args.latents:  # precomputed F16 latents (a latent cache): no VAE in the step
-        batch["x0"], vae, vae_params = jax.ShapeDtypeStruct((args.batch, s // 16, s // 16, 16), jnp.float32), None, None
-    else:
-        batch["image"] = jax.ShapeDtypeStruct((args.batch, s, s, 3), jnp.uint8)
-    print(
-        f"{args.model} LoRA train step at {s}² on one {jax.devices()[0].device_kind} ({jax.default_backend()}): batch "
-        f"{args.batch} ({'latents' if args.latents else 'images encoded in the step'}), text {text_len}x4096, "
-        f"base {dtype} frozen, adapters fp32 + AdamW fp32 on {len(targets)} "
-        f"Linears ({', '.join(args.targets.split(',')) if args.targets else 'default targets'}), remat "
-        f"{args.remat!r}, budget {args.budget / 1e9:.1f} GB ({gib(args.budget):.2f} GiB)",
-        flush=True,
-    )
-    for rank in args.ranks:
-        adapters = jax.eval_shape(lambda r=rank: lora.init(jax.random.key(0), targets, r))
-        scales = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=train_state.replicated(mesh)),
-            lora.scales(targets, 1.0),
-        )
-        base = ts.Frozen(base_params, scales)
-        state = train_state.abstract_train_state(
-            module, small, tx, mesh, rules, params=lora.abstract(adapters, base_params)
-        )
-        step = train_state.make_train_step(
-            module,
-            tx,
-            cfg,
-            mesh,
-            rules,
-            train_state.shardings_of(state),
-            vae=vae,
-            encode_passes=args.batch,
-            microbatches=args.batch,
-            base_sharding=train_state.shardings_of(base),
-        )
-        t = time.perf_counter()
-        m = train_state.lower_train_step(step, mesh, state, batch, vae_params, base=base).compile().memory_analysis()
-        arg, out = m.argument_size_in_bytes, m.output_size_in_bytes
-        alias, temp = m.alias_size_in_bytes, m.temp_size_in_bytes
-        peak = arg + out - alias + temp
-        adapter_bytes, moments = _per_device_bytes(state.params), _per_device_bytes(state.opt_state)
-        print(
-            f"  rank {rank}: args {gib(arg):.2f} GiB (base {gib(_per_device_bytes(base_params)):.2f}, adapters "
-            f"{gib(adapter_bytes):.3f}, AdamW {gib(moments):.3f}), out {gib(out):.3f}, alias {gib(alias):.3f}, temp "
-            f"{gib(temp):.2f}, peak = args + out - alias + temp = {gib(peak):.2f} GiB ({peak / 1e9:.1f} GB): "
-            f"{'fits' if peak <= args.budget else 'does not fit'} (compile {time.perf_counter() - t:.0f}s)",
-            flush=True,
-        )
-
-
 def _mesh_name(mesh) -> str:
     return " x ".join(f"{a}={s}" for a, s in mesh.shape.items() if s > 1) or "one device"
 
@@ -627,18 +556,6 @@ def main(argv=None) -> None:
     p.add_argument("--microbatches", type=int, default=1, help="gradient accumulation over this many slices")
     p.add_argument("--all", action="store_true", help="do not stop at the first fitting size")
     p.add_argument("--hosts", type=int, default=1, help="n devices as this many hosts: data across, FSDP within")
-    p = sub.add_parser("lora_memory", help="compiled memory of the 4096² LoRA train step on one device")
-    p.add_argument("--model", choices=["flux", "sd3"], default="flux")
-    p.add_argument("--size", type=int, default=4096)
-    p.add_argument("--batch", type=int, default=1, help="images per step (one per encode pass and microbatch)")
-    p.add_argument("--text_len", type=int, default=0, help="default: 154 (SD3), 77 (Flux)")
-    p.add_argument("--ranks", type=_ints, default=[16, 64])
-    p.add_argument("--latents", action="store_true", help="batches of precomputed latents: no VAE encode in the step")
-    p.add_argument("--targets", default="", help="peft module names, commas; default the diffusers scripts'")
-    p.add_argument("--remat", default="full")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute and base dtype")
-    p.add_argument("--budget", type=float, default=80e9, help="bytes per device")
-    p.add_argument("--attention_chunk", type=int, default=0, help="queries per chunk of the chunked attention")
     p = sub.add_parser("tiny_train_step", help="tiny Flux train step, d4k_jax vs torch")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--repeats", type=int, default=10)
@@ -657,7 +574,6 @@ def main(argv=None) -> None:
         tiny_steps=tiny_steps,
         pipeline_memory=pipeline_memory,
         train_memory=train_memory,
-        lora_memory=lora_memory,
     )
     commands[args.cmd](args)
 

@@ -96,8 +96,8 @@ part() {
       else echo "== baseline: no .baseline/ (see the header)" | tee -a "$OUT/log.txt"; fi ;;
     # issue 17: the 4096² LoRA train step's compiled memory on one GPU (the CPU analysis holds an fp32 copy of the
     # bf16 base; BENCHMARKS.md "LoRA training at 4096²"): does FLUX.1-dev fit one 80 GB device?
-    lora_memory) run 150 python3 -m tools.bench lora_memory --model=flux --ranks=16,64 --latents
-      run 100 python3 -m tools.bench lora_memory --model=sd3 --ranks=16,64 ;;
+    lora_memory) run 150 python3 -m tools.lora_bench --model=flux --ranks=16,64 --latents
+      run 100 python3 -m tools.lora_bench --model=sd3 --ranks=16,64 ;;
     *) echo "== unknown part $1" | tee -a "$OUT/log.txt" ;;
   esac
 }
