@@ -20,6 +20,9 @@ def sampling_config(model: str, steps: int, max_sequence_length: int, arg: str |
     # True: the transformer computes q/k/v (Flux single blocks: and proj_mlp) as one matmul per stream, from the
     # same weights (FluxConfig / MMDiTConfig.fused_qkv); sampling and training, eval samples included
     c.fused_qkv = False
+    # True: the transformer blocks' matmuls in FP8 (E4M3 with per-token and per-channel scales, d4k_jax/nn/fp8.py):
+    # faster on Hopper-class GPUs, slightly different images (BENCHMARKS.md, "FP8 sampling"); sampling only
+    c.fp8 = False
     # LoRA files merged into the transformer before sampling: "PATH[:SCALE][,PATH[:SCALE]...]" (scale 1.0 where none
     # is given), diffusers / peft or kohya safetensors (d4k_jax/io/lora.py); "" for none
     c.lora = ""

@@ -30,7 +30,7 @@ from absl import app, flags, logging
 
 from conversion.export import STORAGE_DTYPES, export_component
 from conversion.load import load_with_config
-from d4k_jax import checkpoint, cli
+from d4k_jax import checkpoint, cli, files
 from d4k_jax.io.components import KINDS, class_name, override_problem
 from d4k_jax.io.load import PARAMS_DIR, load_config
 
@@ -199,7 +199,7 @@ def _written(dst: Path, write) -> None:
         write(partial)
         partial.rename(dst)
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        files.remove_tree(partial)
         raise
 
 

@@ -12,6 +12,8 @@ import contextlib
 import json
 import math
 import os
+import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,22 @@ def replaced(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
+
+
+def remove_tree(path: str | os.PathLike, patience_s: float = 10.0) -> None:
+    """Removes the folder `path` (if any) after a failed write into it, retrying while files still appear in it.
+
+    A disk-full convert once left its DST.partial behind, under load in the full suite
+    (tests/test_bad_inputs_convert.py; not reproduced alone): `rmtree(ignore_errors=True)` gave up silently. The
+    likely cause, not proven: when an orbax save fails, its first error is raised while TensorStore's other writes
+    of the save can still be running on their threads, and a file created during the removal keeps the folder.
+    Such writes end moments after the error, so the removal is repeated until it holds."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.lexists(path) or time.monotonic() > deadline:
+            return
+        time.sleep(0.05)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -167,7 +167,7 @@ def settings(c: ml_collections.ConfigDict) -> dict:
         out["negative_prompt"] = s.negative_prompt
     if c.get("lora"):  # only when set: outdirs written before the option existed still resume
         out["lora"] = [[str(Path(p).resolve()), scale] for p, scale in lora.parse_spec(c.lora)]
-    return out
+    return out | ({"fp8": True} if c.get("fp8") else {})  # FP8 matmuls change the images; as lora, only when set
 
 
 def check_outdir(out: Path, wanted: dict) -> bool:
@@ -280,7 +280,7 @@ def load_pipeline(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None =
         shard, replicated = c.get("shard_params", False), NamedSharding(mesh, PartitionSpec())
         opts = dict(sharding=(mesh, sharding.DEFAULT_RULES) if shard else replicated, vae_sharding=replicated)
     dtype = jnp.dtype(c.dtype)
-    opts["fused_qkv"] = bool(c.get("fused_qkv", False))  # how the transformer computes, not what
+    opts |= {k: bool(c.get(k, False)) for k in ("fused_qkv", "fp8")}  # how the transformer computes
     pipe = pipeline_class(c.model).from_pretrained(c.pipeline, dtype=dtype, vae_stride=c.vae_stride, **opts)
     for path, scale in lora.parse_spec(c.get("lora")):  # merged on the transformer's shardings
         pipe.load_lora_weights(path, scale)

@@ -38,7 +38,7 @@ def loaded_once():
 
     def cached(c, mesh=None):
         devices = None if mesh is None else (str(mesh), tuple(d.id for d in mesh.devices.flat))
-        key = (c.pipeline, devices, c.shard_params, c.get("lora"))
+        key = (c.pipeline, devices, c.shard_params, c.get("lora"), c.get("fp8"))
         if key not in cache:
             cache[key] = load(c, mesh)
         return cache[key]
@@ -164,8 +164,10 @@ def test_a_rerun_with_other_settings_is_refused(pipes, sampled, tmp_path, monkey
     guidance = f"guidance {c.sample.guidance} -> {c.sample.guidance + 1}"
     for needle in (str(tmp_path / "out"), "steps 2 -> 3", guidance, "seed 0 -> 5"):
         assert needle in str(e.value)
-    c.pipeline = str(pipes / "sd3")
-    c.model = "sd3"
+    c.fp8 = True  # FP8 matmuls change the images
+    with pytest.raises(FileExistsError, match="fp8 None -> True"):
+        sample.run(c, pipes / "prompts.txt", tmp_path / "out")
+    c.fp8, c.pipeline, c.model = False, str(pipes / "sd3"), "sd3"
     with pytest.raises(FileExistsError, match="model 'flux' -> 'sd3'"):
         sample.run(c, pipes / "prompts.txt", tmp_path / "out")
     changed = tmp_path / "changed.txt"

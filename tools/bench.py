@@ -212,8 +212,7 @@ def pipeline_memory(args) -> None:
     import jax.numpy as jnp
 
     from d4k_jax.models import vae as vae_lib
-    from d4k_jax.pipelines import flux as flux_pipe
-    from d4k_jax.pipelines import sd3 as sd3_pipe
+    from tools import bench_gpu
 
     dtype = jnp.dtype(args.dtype)
     text_len = 512 if args.model == "flux" else 77 + 256  # sampling: T5 512 (Flux); 77 CLIP + 256 T5 (SD3)
@@ -231,12 +230,11 @@ def pipeline_memory(args) -> None:
     timesteps = jax.ShapeDtypeStruct((args.steps,), jnp.float32)
     latents, _, text, pooled = inputs[:4]
     t = time.perf_counter()
+    fn = bench_gpu.sampling_program(args.model, module, vae)
     if args.model == "flux":
-        fn = jax.jit(lambda *a: flux_pipe._sample(module, vae, *a))
         lowered = fn.lower(params, vae_params, latents, text, pooled, inputs[4], sigmas, timesteps)
     else:  # CFG: cond and uncond text in one batch of 2
         two = lambda x: jax.ShapeDtypeStruct((2, *x.shape[1:]), x.dtype)
-        fn = jax.jit(lambda *a: sd3_pipe._sample(module, vae, *a, cfg=True))
         lowered = fn.lower(
             params,
             vae_params,

@@ -7,8 +7,9 @@
 `--layers=N` shrinks the transformer (a dry run on a CPU); `--out=FILE` appends one JSON line per result.
 Levers of issue 16, each alone: `--remat=POLICY` (train), `--model_opt=FIELD=VALUE` (any field of the model's
 config, e.g. fused_qkv=true), `--attention=mgpu` (D4K_ATTENTION: the GPU flash kernel); XLA flags come
-from the environment. `--profile=DIR` traces one more run and appends its top-15 op table (tools/op_profile)
-to DIR/ops.md.
+from the environment. `--model_opt=fp8=true --images=DIR` after a bf16 run with `--images=DIR`: FP8 sampling's
+PSNR against it and the count of FP8 GEMMs in the compiled program. `--profile=DIR` traces one more run and
+appends its top-15 op table (tools/op_profile) to DIR/ops.md.
 Sampling excludes the text encoders (the pipelines release them before denoising) and includes the F16
 VAE decode; s/step is (program - decode) / steps, so the decode is not spread over the steps.
 """
@@ -98,7 +99,8 @@ def _init(module, inputs, dtype):
     return jax.jit(lambda k: nn.unbox(module.init(k, *small))["params"])(jax.random.key(0))
 
 
-def _vae(model: str, dtype):
+def _vae(model: str, dtype, abstract: bool = False):
+    """The F16 VAE and its random params (abstract=True: their shapes and dtypes)."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
@@ -108,7 +110,44 @@ def _vae(model: str, dtype):
     cfg = dataclasses.replace(vae_lib.FLUX_VAE if model == "flux" else vae_lib.SD3_VAE, stride=2)
     vae = vae_lib.AutoencoderKL(cfg, dtype=dtype, param_dtype=dtype)
     init = lambda k: nn.unbox(vae.init(k, jnp.zeros((1, 32, 32, 3), dtype)))["params"]
-    return vae, jax.jit(init)(jax.random.key(1))
+    key = jax.random.key(1)
+    return vae, jax.eval_shape(init, key) if abstract else jax.jit(init)(key)
+
+
+def _images_vs_bf16(args, images, hlo: str) -> dict:
+    """With --images=DIR: the run's uint8 images saved as DIR/MODEL_{bf16,fp8}.npy; an FP8 run reports its PSNR
+    against the bf16 run's (same weights and noise: run bf16 first) and the FP8 cuBLAS GEMMs in its compiled program,
+    which XLA could otherwise have turned back into bf16 ones. Random weights: how FP8 rounding propagates through
+    the full-size network, not image quality (tests/test_fp8.py measures that on the trained demo pipeline)."""
+    import numpy as np
+
+    fp8 = "fp8=true" in args.model_opt
+    if not args.images:
+        return {}
+    os.makedirs(args.images, exist_ok=True)
+    np.save(os.path.join(args.images, f"{args.model}_{'fp8' if fp8 else 'bf16'}.npy"), images)
+    reference = os.path.join(args.images, f"{args.model}_bf16.npy")
+    if not fp8 or not os.path.exists(reference):
+        return {}
+    mse = np.mean((images.astype(np.float64) - np.load(reference)) ** 2)
+    return dict(psnr_vs_bf16=float(10 * np.log10(255.0**2 / max(mse, 1e-12))), f8_gemms=hlo.count("matmul$f8"))
+
+
+def sampling_program(model: str, module, vae):
+    """The pipelines' jitted denoise + decode (Flux; SD3 with CFG, cond and uncond text in one batch of 2) as a
+    function of (params, vae_params, latents, text, pooled, guidance, sigmas, timesteps); tools/bench compiles it
+    at full size for its memory, and tests/test_fp8 traces it so that a change of the pipelines' signature
+    cannot break the device script unseen."""
+    import jax
+
+    from d4k_jax.pipelines import flux as flux_pipe
+    from d4k_jax.pipelines import sd3 as sd3_pipe
+
+    if model == "flux":
+        run = lambda params, *a: flux_pipe._sample(module, vae, {"params": params}, *a)
+    else:
+        run = lambda params, *a: sd3_pipe._sample(module, vae, {"params": params}, *a, cfg=True)
+    return jax.jit(run)
 
 
 def sample(args) -> None:
@@ -117,8 +156,6 @@ def sample(args) -> None:
     import numpy as np
 
     from d4k_jax.pipelines import base
-    from d4k_jax.pipelines import flux as flux_pipe
-    from d4k_jax.pipelines import sd3 as sd3_pipe
 
     dtype, h = jnp.bfloat16, args.size // 16
     module, pooled_dim, text_len = _model(args, dtype, dtype, "none")
@@ -131,11 +168,10 @@ def sample(args) -> None:
     if args.model == "flux":
         text, pooled, scale = normal(1, text_len, 4096), normal(1, pooled_dim), jnp.full((1,), 3.5, jnp.float32)
         params = _init(module, (latents, jnp.zeros((1,)), text, pooled, scale), dtype)
-        program = jax.jit(lambda *a: flux_pipe._sample(module, vae, *a))
     else:  # CFG: conditional and unconditional text in one batch of 2
         text, pooled, scale = normal(2, text_len, 4096), normal(2, pooled_dim), jnp.float32(4.5)
         params = _init(module, (latents, jnp.zeros((1,)), text[:1], pooled[:1]), dtype)
-        program = jax.jit(lambda *a: sd3_pipe._sample(module, vae, *a, cfg=True))
+    program = sampling_program(args.model, module, vae)
     inputs = (params, vae_params, latents, text, pooled, scale, sigmas, timesteps)
     t = time.perf_counter()
     program = program.lower(*inputs).compile()
@@ -144,6 +180,7 @@ def sample(args) -> None:
     compile_s = time.perf_counter() - t
     peak = _peak_bytes()
     total = _median_time(run, args.repeats)
+    fp8 = _images_vs_bf16(args, np.asarray(base.to_output(program(*inputs), "uint8")), program.as_text())
     decode = jax.jit(lambda p, z: base.decode(vae, p, z))
     decode(vae_params, latents).block_until_ready()
     decode_s = _median_time(lambda: decode(vae_params, latents).block_until_ready(), args.repeats)
@@ -163,6 +200,7 @@ def sample(args) -> None:
             decode_s=decode_s,
             first_call_s=compile_s,
             peak_gib=peak / 2**30 if peak else None,
+            **fp8,
             **_levers(args),
         ),
     )
@@ -341,6 +379,7 @@ def main(argv=None) -> None:
     parser.add_argument("--model_opt", action="append", default=[], help="FIELD=VALUE of the model config")
     parser.add_argument("--attention", default="", help="the GPU flash kernel: sets D4K_ATTENTION (mgpu)")
     parser.add_argument("--profile", default="", help="append a top-15 op table of one traced run to DIR/ops.md")
+    parser.add_argument("--images", default="", help="sample: save the images in DIR; an fp8 run compares to bf16's")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
     args.size = args.size or 4096

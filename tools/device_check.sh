@@ -9,6 +9,7 @@
 #   PARTS=flags bash tools/device_check.sh      # each xla_flags.CANDIDATES entry alone, then the project's set
 #   PARTS=baselines bash tools/device_check.sh  # diffusers in torch, and the degree-1 path vs commit 3228995
 #   PARTS=lora bash tools/device_check.sh       # issue 17: the 4096² LoRA step's memory on one GPU (~2 min)
+#   PARTS=fp8 bash tools/device_check.sh        # FP8 sampling (nn/fp8.py) against bf16: speed, GEMMs, PSNR (~6 min)
 #   PARTS="attention sample_sd3" bash ...       # any list of the part names below
 #
 # Before the run, on the CPU machine: the device image has its own jax; carry flax/optax/... wheels in .whl/
@@ -48,6 +49,7 @@ with_flags() {  # with_flags "FLAGS" COMMAND...: one command under the project's
 }
 P="--profile $OUT/profile"
 SAVE=save_attention  # nn.stack.REMAT_POLICIES: full remat, attention outputs kept
+IMAGES=/tmp/d4k_images  # the sampling parts' uint8 images (48 MB each at 4096²: not under $OUT)
 
 part() {
   case $1 in
@@ -58,8 +60,12 @@ part() {
     train_save) bench 170 train --model=sd3 --batch=8 --microbatches=8 --steps=2 --remat=$SAVE $P ;;
     train_save_latents) bench 150 train --model=sd3 --batch=8 --microbatches=8 --steps=2 --remat=$SAVE --latents ;;
     train_full_latents) bench 150 train --model=sd3 --batch=8 --microbatches=8 --steps=2 --remat=full --latents ;;
-    sample_sd3) bench 90 sample --model=sd3 --steps=4 $P ;;
-    sample_flux) bench 110 sample --model=flux --steps=4 $P ;;
+    sample_sd3) bench 90 sample --model=sd3 --steps=4 --images $IMAGES $P ;;
+    sample_flux) bench 110 sample --model=flux --steps=4 --images $IMAGES $P ;;
+    # the issue's optional FP8 mode (nn/fp8.py): s/step, FP8 GEMMs in the program, PSNR against the bf16 part's
+    # images (run sample_sd3 / sample_flux first), and a profile to see which GEMM kernels ran
+    sample_sd3_fp8) bench 90 sample --model=sd3 --steps=4 --model_opt=fp8=true --images $IMAGES $P ;;
+    sample_flux_fp8) bench 110 sample --model=flux --steps=4 --model_opt=fp8=true --images $IMAGES $P ;;
     # issue 16 lever 3 and 2 in the pipelines
     sample_sd3_fused) bench 90 sample --model=sd3 --steps=4 --model_opt=fused_qkv=true ;;
     sample_flux_fused) bench 110 sample --model=flux --steps=4 --model_opt=fused_qkv=true ;;
@@ -105,6 +111,7 @@ part() {
 case ${PARTS:-core} in
   core) PARTS="attention train_full train_save sample_sd3 sample_flux train_save_latents gpu_tests" ;;
   levers) PARTS="sample_sd3_fused sample_sd3_mgpu sample_flux_fused sample_flux_mgpu train_save_fused train_save_mgpu" ;;
+  fp8) PARTS="sample_sd3 sample_sd3_fp8 sample_flux sample_flux_fp8" ;;
   flags) PARTS="flags train_flags" ;;
   baselines) PARTS="torch baseline train_full_latents train_flux_smoke" ;;
   lora) PARTS="lora_memory" ;;

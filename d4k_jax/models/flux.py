@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from d4k_jax.nn import Dense, LayerNorm, stack
+from d4k_jax.nn import Dense, LayerNorm, fp8, stack
 from d4k_jax.nn.embeddings import AdaLN, TimeTextEmbed, modulate
 from d4k_jax.nn.feedforward import FeedForward
 from d4k_jax.nn.joint_attention import JointAttention
@@ -46,6 +46,8 @@ class FluxConfig:
     # q/k/v (and the single blocks' proj_mlp) as one matmul per stream, same params (nn.joint_attention);
     # off until a GPU measures it
     fused_qkv: bool = False
+    # the blocks' token-wise matmuls in FP8 (E4M3, dynamic scales; nn.fp8): sampling only
+    fp8: bool = False
 
     def __post_init__(self):
         if sum(self.axes_dims_rope) != self.attention_head_dim:
@@ -192,10 +194,11 @@ class Flux(nn.Module):
         cos, sin = rope_tables(position_ids(h, w, t), cfg.axes_dims_rope, cfg.theta, sizes)
 
         block_kw = dict(config=cfg, **kw)
-        double = stack(DoubleBlock, cfg.num_layers, remat=cfg.remat, num_broadcast=3)
-        (img, txt), _ = double(name="transformer_blocks", **block_kw)((img, txt), temb, cos, sin)
-        single = stack(SingleBlock, cfg.num_single_layers, remat=cfg.remat, num_broadcast=3)
-        (img, _), _ = single(name="single_transformer_blocks", **block_kw)((img, txt), temb, cos, sin)
+        with fp8.matmuls(cfg.fp8):
+            double = stack(DoubleBlock, cfg.num_layers, remat=cfg.remat, num_broadcast=3)
+            (img, txt), _ = double(name="transformer_blocks", **block_kw)((img, txt), temb, cos, sin)
+            single = stack(SingleBlock, cfg.num_single_layers, remat=cfg.remat, num_broadcast=3)
+            (img, _), _ = single(name="single_transformer_blocks", **block_kw)((img, txt), temb, cos, sin)
 
         scale, shift = AdaLN(2, d, name="norm_out", **kw)(temb)  # AdaLayerNormContinuous: (scale, shift)
         img = modulate(LayerNorm(1e-6, use_scale=False, use_bias=False, dtype=self.dtype)(img), shift, scale)

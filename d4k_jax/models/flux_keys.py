@@ -43,6 +43,7 @@ def config_from_diffusers(cfg: Mapping[str, Any]) -> FluxConfig:
         axes_dims_rope=tuple(cfg.get("axes_dims_rope", (16, 56, 56))),
         remat=cfg.get("remat", "none"),
         fused_qkv=cfg.get("fused_qkv", False),
+        fp8=cfg.get("fp8", False),
     )
 
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from d4k_jax.nn import Conv2d, Dense, LayerNorm, stack
+from d4k_jax.nn import Conv2d, Dense, LayerNorm, fp8, stack
 from d4k_jax.nn.embeddings import AdaLN, TimeTextEmbed, modulate
 from d4k_jax.nn.feedforward import FeedForward
 from d4k_jax.nn.joint_attention import JointAttention
@@ -48,6 +48,8 @@ class MMDiTConfig:
     remat: str = "none"
     # q/k/v as one matmul per stream, same params (nn.joint_attention); off until a GPU measures it
     fused_qkv: bool = False
+    # the blocks' token-wise matmuls in FP8 (E4M3, dynamic scales; nn.fp8): sampling only
+    fp8: bool = False
 
     def __post_init__(self):
         if self.qk_norm not in (None, "rms_norm"):
@@ -198,15 +200,15 @@ class MMDiT(nn.Module):
         )
         img = nn.with_logical_constraint(img, _TOKENS)
         txt = nn.with_logical_constraint(txt, token_axes(txt.shape[1]))
-        for first, count, dual in cfg.groups():
-            last = first == cfg.num_layers - 1
-            if last:
-                block = rematerialize(JointBlock, cfg.remat)  # its activations are as large as any block's
-                block = block(cfg, dual=dual, last=True, name=f"transformer_blocks_{first}", **kw)
-                (img, _), _ = block((img, txt), temb)
-            else:
-                blocks = stack(JointBlock, count, remat=cfg.remat, num_broadcast=1)
-                (img, txt), _ = blocks(cfg, dual=dual, name=f"transformer_blocks_{first}", **kw)((img, txt), temb)
+        with fp8.matmuls(cfg.fp8):
+            for first, count, dual in cfg.groups():
+                name = f"transformer_blocks_{first}"
+                if first == cfg.num_layers - 1:
+                    block = rematerialize(JointBlock, cfg.remat)  # its activations are as large as any block's
+                    (img, _), _ = block(cfg, dual=dual, last=True, name=name, **kw)((img, txt), temb)
+                else:
+                    blocks = stack(JointBlock, count, remat=cfg.remat, num_broadcast=1)
+                    (img, txt), _ = blocks(cfg, dual=dual, name=name, **kw)((img, txt), temb)
         scale, shift = AdaLN(2, d, name="norm_out", **kw)(temb)
         img = modulate(LayerNorm(1e-6, use_scale=False, use_bias=False, dtype=self.dtype)(img), shift, scale)
         c = cfg.out_channels or cfg.in_channels

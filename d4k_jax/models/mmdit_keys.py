@@ -51,6 +51,7 @@ def config_from_diffusers(cfg: Mapping[str, Any]) -> MMDiTConfig:
         qk_norm=cfg.get("qk_norm"),
         remat=cfg.get("remat", "none"),
         fused_qkv=cfg.get("fused_qkv", False),
+        fp8=cfg.get("fp8", False),
     )
 
 

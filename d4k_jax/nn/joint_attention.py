@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from d4k_jax.nn import ulysses
+from d4k_jax.nn import fp8, ulysses
 from d4k_jax.nn.linear import Dense
 from d4k_jax.nn.norms import RMSNorm
 from d4k_jax.nn.rope import apply_rope
@@ -50,7 +50,8 @@ def fused_dense(x: jax.Array, fused: tuple[jax.Array, jax.Array, list[int]]) -> 
     """x [B, L, D] through the layers of a `fused_kernel` as ONE matmul -> [B, L, N, C_i] each, equal to the
     layers' own outputs [B, L, N * C_i] reshaped."""
     kernel, bias, widths = fused
-    y = jnp.einsum("bld,dnc->blnc", x.astype(kernel.dtype), kernel) + bias
+    x = x.astype(kernel.dtype)
+    y = (fp8.matmul(x, kernel) if fp8.applies(x) else jnp.einsum("bld,dnc->blnc", x, kernel)) + bias
     return jnp.split(y, np.cumsum(widths)[:-1].tolist(), axis=-1)
 
 

@@ -3,7 +3,8 @@
 Adapters are a separate variable collection, "lora", that `Dense` reads when it is given: per adapted layer
 {"down": [in, r], "up": [r, out], "scale": []} (inside nn.scan each with the leading layer axis), and then
 y = x W + b + scale * ((dropout(x) @ down) @ up), peft's order (dropout on the adapter's input only), in the
-layer's compute dtype. Without a "lora" collection the program is exactly the plain layer's. The model-level
+layer's compute dtype. Without a "lora" collection the program is exactly the plain layer's. Inside
+nn.fp8.matmuls() (the models' `fp8` option, sampling), x W is an FP8 matmul; the adapter term is not. The model-level
 side (which layers, initialisation, shardings, files) is d4k_jax/lora.py.
 
 The adapter dropout rate is a trace-time setting, as nn.logical_axis_rules is: `with lora_dropout(rate):`
@@ -20,6 +21,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from d4k_jax.nn import fp8
 
 LORA = "lora"  # the adapters' variable collection
 _DROPOUT = contextvars.ContextVar("lora_dropout", default=0.0)
@@ -86,7 +89,8 @@ class Dense(nn.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel, bias = self.weights(x.shape[-1])
-        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype))
+        h, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        y = fp8.matmul(h, kernel) if fp8.applies(h) else jnp.einsum("...i,io->...o", h, kernel)
         y = y if bias is None else y + bias.astype(self.dtype)
         low_rank = self.adapter(x)
         return y if low_rank is None else y + low_rank
