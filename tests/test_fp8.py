@@ -15,6 +15,7 @@ import pytest
 from conftest import rel_err
 from tiny_configs import tiny_flux, tiny_sd35
 
+from d4k_jax import sharding
 from d4k_jax.data import demo
 from d4k_jax.models.flux import Flux
 from d4k_jax.models.mmdit import MMDiT
@@ -75,7 +76,7 @@ def _model(kind: str, **overrides) -> tuple[nn.Module, tuple]:
     rng = np.random.default_rng(3)
     f32 = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
     if kind == "flux":
-        module = Flux(tiny_flux(heads=2, **overrides))
+        module = Flux(tiny_flux(heads=4, **overrides))
         return module, (f32(2, 4, 4, 4), jnp.full((2,), 0.5), f32(2, 5, 24), f32(2, 12), jnp.full((2,), 3.5))
     module = MMDiT(tiny_sd35(heads=4, **overrides))
     return module, (f32(2, 4, 4, 4), jnp.full((2,), 500.0), f32(2, 5, 20), f32(2, 12))
@@ -104,6 +105,21 @@ def test_models_take_exactly_the_blocks_token_matmuls_in_fp8(kind):
     assert 1e-4 < rel_err(got, want) < 0.1, rel_err(got, want)
     # fusing q/k/v keeps each column's scale and each token's: the same FP8 product
     assert rel_err(np.asarray(apply(fused)(params, *args)), got) < 1e-5
+
+
+def test_fp8_under_fsdp_and_tensor_sharding_equals_one_device():
+    """The per-channel weight scales are maxima over the fsdp-split input axis, the per-token ones over features a
+    tensor split leaves whole: GSPMD's reductions give the one-device result."""
+    module, args = _model("flux", fp8=True)
+    abstract = jax.eval_shape(module.init, jax.random.key(0), *args)
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(lambda s: jnp.asarray(0.3 * rng.normal(size=s.shape), s.dtype), nn.unbox(abstract)["params"])
+    want = jax.jit(module.apply)({"params": params}, *args)
+    mesh = sharding.make_mesh({"fsdp": 2, "tensor": 2}, jax.devices()[:4])
+    placed = jax.device_put(params, sharding.params_sharding(mesh, sharding.DEFAULT_RULES, abstract)["params"])
+    with sharding.active(mesh):
+        got = jax.jit(module.apply)({"params": placed}, *args)
+    assert rel_err(np.asarray(got), np.asarray(want)) < 1e-5
 
 
 def test_demo_pipeline_images_in_fp8():

@@ -107,7 +107,7 @@ def test_loss_and_gradients_equal_torch(tmp_path, kind, monkeypatch):
         module, params = load_component(folder, dtype=jnp.float64, param_dtype=jnp.float64)
         batch = {"x0": jnp.asarray(x0), "text": jnp.asarray(text), "pooled": jnp.asarray(pooled)}
         loss_fn = lambda p: ts.loss_from_noise(module, p, batch, jnp.asarray(eps), jnp.asarray(sigma), cfg)
-        loss, grads = jax.value_and_grad(loss_fn)(params)
+        loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)  # one compile, not one per op
         flat = {p: np.asarray(g) for p, g in traverse_util.flatten_dict(grads).items()}
     assert loss.dtype == jnp.float64 and all(g.dtype == np.float64 for g in flat.values())
     assert rel_err(loss, ref_loss.item()) < MODEL_TOL
