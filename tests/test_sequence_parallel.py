@@ -55,7 +55,7 @@ def _setup(model: str, text_len: int):
     text, pooled = f32(2, text_len, cfg.joint_attention_dim), f32(2, cfg.pooled_projection_dim)
     x_t = flow.add_noise(x0, noise, sigma)
     args = (x_t, sigma, text, pooled, jnp.full((2,), 3.5)) if model == "flux" else (x_t, sigma * 1000, text, pooled)
-    params = nn.unbox(module.init(jax.random.key(0), *args)["params"])
+    params = nn.unbox(jax.jit(module.init)(jax.random.key(0), *args)["params"])  # one compile, not one per op
     params = jax.tree.map(lambda p: p + 0.05 * jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
     targets = (x0, noise, sigma)
     return module, params, args, targets, _run(module, params, args, targets, grads=True)
@@ -106,7 +106,7 @@ def test_one_block_does_only_the_ulysses_collectives(text_len):
     mesh = sharding.make_mesh({"sequence": 4}, jax.devices()[:4])
     args = ((jnp.ones((1, length, d)), jnp.ones((1, text_len, d))), jnp.ones((1, d)))
     args += (jnp.ones((text_len + length, 8)), jnp.ones((text_len + length, 8)))
-    variables = block.init(jax.random.key(0), *args)
+    variables = jax.jit(block.init)(jax.random.key(0), *args)
     image = jax.device_put(args[0][0], sharding.logical_sharding(mesh, sharding.DEFAULT_RULES, ("batch", "length")))
     with sharding.active(mesh):
         hlo = jax.jit(block.apply).lower(variables, (image, args[0][1]), *args[1:]).compile().as_text()

@@ -134,10 +134,9 @@ def test_overfitting_two_examples_drives_the_loss_down(flux, tmp_path):
     noise = rng.normal(size=(2, 8, 8, 4)).astype(np.float32)
     sigma = np.array([0.4, 0.8], np.float32)
 
-    def eval_loss():
-        params = jax.device_get(trainer.state.params)
-        batch = {k: jnp.asarray(v) for k, v in data.items()}
-        return float(ts.loss_from_noise(trainer.model, params, batch, noise, sigma, trainer.cfg))
+    batch = {k: jnp.asarray(v) for k, v in data.items()}
+    loss = jax.jit(lambda params: ts.loss_from_noise(trainer.model, params, batch, noise, sigma, trainer.cfg))
+    eval_loss = lambda: float(loss(jax.device_get(trainer.state.params)))  # one compile, not one per op
 
     before = eval_loss()
     trainer.fit(ArrayBatches(data, 2), tmp_path, 100, log_every=10, checkpoint_every=1000)
