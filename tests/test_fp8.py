@@ -82,6 +82,14 @@ def _model(kind: str, **overrides) -> tuple[nn.Module, tuple]:
     return module, (f32(2, 4, 4, 4), jnp.full((2,), 500.0), f32(2, 5, 20), f32(2, 12))
 
 
+def _random_params(module: nn.Module, args: tuple) -> tuple[dict, dict]:
+    """(random params of the module's tree, its abstract boxed variables): no eager init (one compile per op)."""
+    abstract = jax.eval_shape(module.init, jax.random.key(0), *args)
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(lambda s: jnp.asarray(0.3 * rng.normal(size=s.shape), s.dtype), nn.unbox(abstract)["params"])
+    return params, abstract
+
+
 # the token-wise projections of the blocks, once per stream through them: Flux's double block 12 (q/k/v, out and
 # MLP of each stream), its single block 6 (q/k/v, proj_mlp, proj_out's two parts) for the image and again for the
 # text; SD3.5's dual block 16 (+ the second attention's q/k/v/out), its last block 9 (no text output or MLP)
@@ -91,9 +99,7 @@ F8_DOTS = {"flux": 12 + 2 * 6, "sd3": 16 + 9}
 @pytest.mark.parametrize("kind", ["flux", "sd3"])
 def test_models_take_exactly_the_blocks_token_matmuls_in_fp8(kind):
     plain, args = _model(kind)
-    shapes = nn.unbox(jax.eval_shape(plain.init, jax.random.key(0), *args)["params"])
-    rng = np.random.default_rng(1)
-    params = jax.tree.map(lambda s: jnp.asarray(0.3 * rng.normal(size=s.shape), s.dtype), shapes)
+    params, _ = _random_params(plain, args)
     apply = lambda module: jax.jit(lambda p, *a: module.apply({"params": p}, *a))
     quantised, fused = _model(kind, fp8=True)[0], _model(kind, fp8=True, fused_qkv=True)[0]
     text = apply(quantised).lower(params, *args).as_text()
@@ -111,9 +117,7 @@ def test_fp8_under_fsdp_and_tensor_sharding_equals_one_device():
     """The per-channel weight scales are maxima over the fsdp-split input axis, the per-token ones over features a
     tensor split leaves whole: GSPMD's reductions give the one-device result."""
     module, args = _model("flux", fp8=True)
-    abstract = jax.eval_shape(module.init, jax.random.key(0), *args)
-    rng = np.random.default_rng(1)
-    params = jax.tree.map(lambda s: jnp.asarray(0.3 * rng.normal(size=s.shape), s.dtype), nn.unbox(abstract)["params"])
+    params, abstract = _random_params(module, args)
     want = jax.jit(module.apply)({"params": params}, *args)
     mesh = sharding.make_mesh({"fsdp": 2, "tensor": 2}, jax.devices()[:4])
     placed = jax.device_put(params, sharding.params_sharding(mesh, sharding.DEFAULT_RULES, abstract)["params"])
