@@ -280,7 +280,7 @@ def load_pipeline(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None =
         shard, replicated = c.get("shard_params", False), NamedSharding(mesh, PartitionSpec())
         opts = dict(sharding=(mesh, sharding.DEFAULT_RULES) if shard else replicated, vae_sharding=replicated)
     dtype = jnp.dtype(c.dtype)
-    opts |= {k: bool(c.get(k, False)) for k in ("fused_qkv", "fp8")}  # how the transformer computes
+    opts |= {k: bool(c.get(k, False)) for k in ("fused_qkv", "fp8")}  # fp8 changes the images: settings()
     pipe = pipeline_class(c.model).from_pretrained(c.pipeline, dtype=dtype, vae_stride=c.vae_stride, **opts)
     for path, scale in lora.parse_spec(c.get("lora")):  # merged on the transformer's shardings
         pipe.load_lora_weights(path, scale)
