@@ -66,6 +66,9 @@ part() {
     # images (run sample_sd3 / sample_flux first), and a profile to see which GEMM kernels ran
     sample_sd3_fp8) bench 90 sample --model=sd3 --steps=4 --model_opt=fp8=true --images $IMAGES $P ;;
     sample_flux_fp8) bench 110 sample --model=flux --steps=4 --model_opt=fp8=true --images $IMAGES $P ;;
+    # the trained demo pipeline's FP8 vs bf16 PSNR with the GPU's FP8 GEMMs (the CPU's are exact products: 44.9 dB);
+    # needs the tokenizers' packages on the device image (else it fails alone)
+    fp8_psnr) run 120 python3 -m tools.fp8_psnr ;;
     # issue 16 lever 3 and 2 in the pipelines
     sample_sd3_fused) bench 90 sample --model=sd3 --steps=4 --model_opt=fused_qkv=true ;;
     sample_flux_fused) bench 110 sample --model=flux --steps=4 --model_opt=fused_qkv=true ;;
@@ -111,7 +114,7 @@ part() {
 case ${PARTS:-core} in
   core) PARTS="attention train_full train_save sample_sd3 sample_flux train_save_latents gpu_tests" ;;
   levers) PARTS="sample_sd3_fused sample_sd3_mgpu sample_flux_fused sample_flux_mgpu train_save_fused train_save_mgpu" ;;
-  fp8) PARTS="sample_sd3 sample_sd3_fp8 sample_flux sample_flux_fp8" ;;
+  fp8) PARTS="sample_sd3 sample_sd3_fp8 sample_flux sample_flux_fp8 fp8_psnr" ;;
   flags) PARTS="flags train_flags" ;;
   baselines) PARTS="torch baseline train_full_latents train_flux_smoke" ;;
   lora) PARTS="lora_memory" ;;
