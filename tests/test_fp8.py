@@ -20,8 +20,7 @@ from d4k_jax.data import demo
 from d4k_jax.models.flux import Flux
 from d4k_jax.models.mmdit import MMDiT
 from d4k_jax.nn import fp8
-from d4k_jax.pipelines.flux import FluxPipeline
-from tools import bench_gpu
+from tools import bench_gpu, fp8_psnr
 
 DEMO = Path(demo.__file__).parent / "demo_pipeline"
 # dB between the demo pipeline's fp32 images and its FP8 ones from the same noise; 45.2 measured (jax 0.10.2, CPU)
@@ -127,15 +126,10 @@ def test_fp8_under_fsdp_and_tensor_sharding_equals_one_device():
 
 
 def test_demo_pipeline_images_in_fp8():
-    """The trained tiny Flux: FP8 against fp32 from the same noise, as the sample CLI's `--config.fp8` loads it."""
-    captions = [c for _, c in demo.demo_examples(4, 8, seed=7)]
-    images = {}
-    for on in (False, True):
-        pipe = FluxPipeline.from_pretrained(DEMO, dtype=jnp.float32, fp8=on)
-        assert pipe.transformer.module.config.fp8 is on
-        images[on] = np.asarray(pipe(captions, height=64, width=64, num_inference_steps=4, max_sequence_length=16))
-    mse = np.mean((images[True].astype(np.float64) - images[False]) ** 2)
-    psnr = 10 * np.log10(255.0**2 / mse)
+    """The trained tiny Flux: FP8 against fp32 from the same noise, loaded as the sample CLI's `--config.fp8` loads
+    it, through tools/fp8_psnr's functions (its bf16 figures: BENCHMARKS.md)."""
+    images = {on: fp8_psnr.sample(str(DEMO), "flux", "float32", on, 64, 4, 4, 16) for on in (False, True)}
+    psnr = fp8_psnr.psnr(images[True], images[False])
     print(f"demo pipeline, FP8 vs fp32 images: PSNR {psnr:.2f} dB")
     assert MIN_DEMO_PSNR < psnr < 80, psnr  # different (FP8 ran), and close
 

@@ -32,6 +32,15 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
 
 
+def sample(pipeline: str, model: str, dtype: str, fp8: bool, size: int, steps: int, images: int, length: int):
+    """uint8 images [images, size, size, 3] of the demo captions (seed 7), from the pipelines' default noise."""
+    captions = [c for _, c in demo.demo_examples(images, 8, seed=7)]
+    pipe = pipeline_class(model).from_pretrained(pipeline, dtype=jnp.dtype(dtype), fp8=fp8)
+    assert pipe.transformer.module.config.fp8 is fp8
+    out = pipe(captions, height=size, width=size, num_inference_steps=steps, max_sequence_length=length)
+    return np.asarray(out)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pipeline", default=str(Path(demo.__file__).parent / "demo_pipeline"))
@@ -41,13 +50,9 @@ def main(argv=None) -> None:
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--max_sequence_length", type=int, default=16, help="the demo's captions are short")
     args = parser.parse_args(argv)
-    captions = [c for _, c in demo.demo_examples(args.images, 8, seed=7)]
-    images = {}
-    for dtype, fp8 in {(d, f) for pair in PAIRS for d, f in (pair[:2], pair[2:])}:
-        pipe = pipeline_class(args.model).from_pretrained(args.pipeline, dtype=jnp.dtype(dtype), fp8=fp8)
-        size, length = args.size, args.max_sequence_length
-        out = pipe(captions, height=size, width=size, num_inference_steps=args.steps, max_sequence_length=length)
-        images[dtype, fp8] = np.asarray(out)
+    settings = (args.size, args.steps, args.images, args.max_sequence_length)
+    runs = {(d, f) for pair in PAIRS for d, f in (pair[:2], pair[2:])}
+    images = {(d, f): sample(args.pipeline, args.model, d, f, *settings) for d, f in runs}
     name = lambda dtype, fp8: dtype + (" + FP8" if fp8 else "")
     print(f"{args.pipeline}: {args.images} images at {args.size}², {args.steps} steps, the same noise")
     for a_dtype, a_fp8, b_dtype, b_fp8 in PAIRS:
