@@ -18,7 +18,7 @@ import ml_collections
 from absl import logging
 from flax import traverse_util
 
-from d4k_jax import checkpoint, lora, plots
+from d4k_jax import checkpoint, files, lora, plots
 from d4k_jax.io.lora_export import save_lora
 from d4k_jax.sharding import sync_processes
 
@@ -75,7 +75,7 @@ def export_pipeline(source: Path, dst: Path, module: nn.Module, params: Any, ste
     if exported_step(dst) == step:
         return dst
     if jax.process_index() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        files.remove_tree(tmp)  # a failed export's, which a full disk can leave
         tmp.mkdir(parents=True)
         shutil.copy(source / "model_index.json", tmp / "model_index.json")
         for item in source.iterdir():
@@ -92,7 +92,7 @@ def export_pipeline(source: Path, dst: Path, module: nn.Module, params: Any, ste
         if dst.exists():
             dst.rename(old)
         tmp.rename(dst)
-        shutil.rmtree(old, ignore_errors=True)
+        files.remove_tree(old)
         logging.info("exported the trained pipeline of step %d to %s", step, dst)
     sync_processes("export_swapped")
     return dst
