@@ -114,16 +114,13 @@ def _vae(model: str, dtype, abstract: bool = False):
     return vae, jax.eval_shape(init, key) if abstract else jax.jit(init)(key)
 
 
-def _images_vs_bf16(args, images, hlo: str) -> dict:
+def _images_vs_bf16(args, fp8: bool, images, hlo: str) -> dict:
     """With --images=DIR: the run's uint8 images saved as DIR/MODEL_{bf16,fp8}.npy; an FP8 run reports its PSNR
     against the bf16 run's (same weights and noise: run bf16 first) and the FP8 cuBLAS GEMMs in its compiled program,
     which XLA could otherwise have turned back into bf16 ones. Random weights: how FP8 rounding propagates through
     the full-size network, not image quality (tests/test_fp8.py measures that on the trained demo pipeline)."""
     import numpy as np
 
-    fp8 = "fp8=true" in args.model_opt
-    if not args.images:
-        return {}
     os.makedirs(args.images, exist_ok=True)
     np.save(os.path.join(args.images, f"{args.model}_{'fp8' if fp8 else 'bf16'}.npy"), images)
     reference = os.path.join(args.images, f"{args.model}_bf16.npy")
@@ -180,7 +177,10 @@ def sample(args) -> None:
     compile_s = time.perf_counter() - t
     peak = _peak_bytes()
     total = _median_time(run, args.repeats)
-    fp8 = _images_vs_bf16(args, np.asarray(base.to_output(program(*inputs), "uint8")), program.as_text())
+    fp8 = {}
+    if args.images:  # one more run, for its images
+        images = np.asarray(base.to_output(program(*inputs), "uint8"))
+        fp8 = _images_vs_bf16(args, module.config.fp8, images, program.as_text())
     decode = jax.jit(lambda p, z: base.decode(vae, p, z))
     decode(vae_params, latents).block_until_ready()
     decode_s = _median_time(lambda: decode(vae_params, latents).block_until_ready(), args.repeats)
